@@ -55,6 +55,7 @@ def difficulty(progress: float, peak: float = 0.5, shape: str = "linear", cycles
     """
     if not 0.0 <= progress <= 1.0:
         raise ConfigError(f"progress must be in [0, 1], got {progress!r}")
+    validate_clock_options(peak, shape, cycles)
 
     if cycles > 1:
         scaled = progress * cycles

@@ -36,7 +36,8 @@ OPTIMIZER_FIELDS = ("lr", "momentum", "weight_decay")
 class Knob:
     """A setting that moves from ``easy`` (d = 0) to ``hard`` (d = 1) as the clock turns.
 
-    ``linear`` gives ``easy + d * (hard - easy)``; ``log`` interpolates geometrically, for ranges
+    ``linear`` gives ``easy + d * (hard - easy)`` (computed as ``(1 - d) * easy + d * hard``, which
+    hits both ends exactly); ``log`` interpolates geometrically, for ranges
     that span orders of magnitude, and needs both ends > 0. Equal ends make a constant.
     ``minimum`` and ``maximum`` bound both ends; ``exclusive_minimum`` makes the lower bound
     strict (a temperature must be > 0, a weight decay may be 0).
@@ -72,11 +73,27 @@ class Knob:
     def is_constant(self) -> bool:
         return self.easy == self.hard
 
+    @property
+    def _low(self) -> float:
+        return min(self.easy, self.hard)
+
+    @property
+    def _high(self) -> float:
+        return max(self.easy, self.hard)
+
     def value(self, difficulty: float) -> float:
-        if self.interpolation == "linear" or self.is_constant:
-            return self.easy + difficulty * (self.hard - self.easy)
-        log_easy, log_hard = math.log(self.easy), math.log(self.hard)
-        return math.exp(log_easy + difficulty * (log_hard - log_easy))
+        if self.is_constant or difficulty == 0.0:
+            return self.easy
+        if difficulty == 1.0:
+            return self.hard
+        if self.interpolation == "linear":
+            # Same value as easy + d * (hard - easy), with less cancellation between far-apart ends.
+            value = (1.0 - difficulty) * self.easy + difficulty * self.hard
+        else:
+            log_easy, log_hard = math.log(self.easy), math.log(self.hard)
+            value = math.exp((1.0 - difficulty) * log_easy + difficulty * log_hard)
+        # Rounding may still land a hair outside the ends in between; the contract is [easy, hard].
+        return min(max(value, self._low), self._high)
 
     def at(self, clock: Clock) -> float:
         return self.value(clock.difficulty)
