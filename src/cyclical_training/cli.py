@@ -1,0 +1,339 @@
+"""The ``gct`` command line: ``gct train`` and ``gct schedule``.
+
+Options and YAML config files become one validated ``TrainConfig``; the command line overrides
+the file. A bad option prints one line on standard error and exits with status 2; a failure at
+run time (missing data, a broken checkpoint, a loss that is no longer finite) exits with 1.
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from .config import KNOB_OPTIONS, TrainConfig, option_name, unknown_key_message
+from .errors import CheckpointError, ConfigError, DataError, TrainingError
+
+# Help text for every option of TrainConfig: what it sets and in what unit.
+OPTION_HELP = {
+    "data": "digits (default, embedded), cifar10, cifar100, or a path to an image-folder tree or a "
+            ".tar/.tar.gz archive of one with train/<class>/ and test/<class>/",
+    "data_dir": "folder of the CIFAR python batches (for --data cifar10/cifar100)",
+    "cache_dir": "folder for decoded images (default: the user's cache folder)",
+    "train_size": "train on a class-balanced subset of N images, chosen by the seed (4000: '4K CIFAR-10')",
+    "validation_size": "hold out N class-balanced training images for validation (default 0)",
+    "image_size": "resize image-folder data to N x N pixels (needed when image sizes differ)",
+    "model": "auto, fast-cnn, fast-cnn-wide, resnet18, digits-net or resnet50 (auto: digits-net for digits, else fast-cnn)",
+    "optimizer": "sgd (Nesterov momentum) or adamw",
+    "epochs": "number of epochs (default 10)",
+    "batch_size": "global batch size, X or EASY:HARD per epoch (easy = large), default 256",
+    "drop_last": "drop the last incomplete batch of every epoch",
+    "lr": "learning rate: X is the peak of --lr-schedule; EASY:HARD follows the clock instead (default 0.1)",
+    "lr_schedule": "warmup-cosine (default: linear warm-up, then cosine decay) or constant, for a constant --lr",
+    "warmup_epochs": "length of the linear warm-up in epochs (default 1)",
+    "lr_scaling": "none, linear or sqrt: scale the learning rate with the batch size relative to the easy end",
+    "momentum": "SGD momentum or AdamW beta1, X or EASY:HARD (default 0.9)",
+    "weight_decay": "weight decay of the decayed group, X or EASY:HARD (easy = small), default 5e-4",
+    "loss": "ce, focal or cyclical-focal",
+    "temperature": "softmax temperature dividing training logits, X or EASY:HARD (easy = small), default 1",
+    "label_smoothing": "label smoothing in [0, 1) (default 0)",
+    "gamma_hc": "focal losses: high-confidence exponent (default 2)",
+    "gamma_pos": "focal losses: exponent on the target class (default 0)",
+    "gamma_neg": "focal losses: exponent on the other classes (default 4)",
+    "clip_norm": "gradient clipping threshold on the global L2 norm, X or EASY:HARD (easy = tight, small)",
+    "augment": "auto (crop and flip for images of 16 px or more), none, or a magnitude X or EASY:HARD in [0, 1]",
+    "cycle_peak": "fraction of training at the hardest point, in (0, 1] (default 0.5)",
+    "cycle_factor": "the paper's cyclical factor f >= 1, the same as --cycle-peak 1/f",
+    "cycle_shape": "linear (default) or cosine",
+    "cycle_unit": "epoch (default: the value changes once per epoch) or step",
+    "cycles": "number of easy-hard-easy cycles in the run (default 1)",
+    "seed": "random seed for initial weights, subset, data order and augmentation (default 0)",
+    "device": "auto (default), cpu or cuda",
+    "precision": "fp32 (default), bf16 or fp16 (CUDA only) autocast",
+    "channels_last": "use the channels-last memory format (default: on)",
+    "compile": "compile the model with torch.compile",
+    "num_threads": "CPU threads for torch (default: all usable cores)",
+    "out": "folder for config.yaml, metrics.jsonl, summary.json and checkpoint.pt",
+    "progress": "draw a progress bar while an epoch runs (on a terminal)",
+}
+
+BOOLEAN_FIELDS = {"drop_last", "channels_last", "compile", "progress"}
+INT_FIELDS = {"train_size", "validation_size", "image_size", "epochs", "cycles", "seed", "num_threads"}
+FLOAT_FIELDS = {"warmup_epochs", "label_smoothing", "gamma_hc", "gamma_pos", "gamma_neg", "cycle_peak", "cycle_factor"}
+
+# Options of `gct schedule`: the clock and the knobs, without data, model or run options.
+SCHEDULE_FIELDS = (
+    "epochs", "batch_size", "drop_last", "lr", "lr_schedule", "warmup_epochs", "lr_scaling", "momentum",
+    "weight_decay", "temperature", "clip_norm", "augment", "cycle_peak", "cycle_factor", "cycle_shape",
+    "cycle_unit", "cycles",
+)
+
+# Options that may accompany --resume; every other option comes from the saved run.
+RESUME_FIELDS = {"device", "num_threads", "progress", "cache_dir", "data_dir"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Argument parser whose errors are one line on standard error and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="gct", description="General Cyclical Training for PyTorch.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    commands.required = True
+
+    train = commands.add_parser("train", help="train a model with cyclical knobs")
+    train.add_argument("--config", help="YAML file of options; command-line options override it")
+    train.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    train.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    _add_config_options(train, [item.name for item in dataclasses.fields(TrainConfig) if item.name in OPTION_HELP])
+
+    schedule = commands.add_parser("schedule", help="print or plot every knob's value without training")
+    schedule.add_argument("--config", help="YAML file of options; command-line options override it")
+    schedule.add_argument("--steps-per-epoch", default="1", help="steps in every epoch (default 1)")
+    schedule.add_argument("--train-images", help="derive steps per epoch from this many images and the batch size")
+    schedule.add_argument("--csv", action="store_true", help="print CSV with a header row of option names")
+    schedule.add_argument("--plot", metavar="FILE.png", help="draw the knob curves to a PNG file")
+    schedule.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    _add_config_options(schedule, list(SCHEDULE_FIELDS))
+    return parser
+
+
+def _add_config_options(parser: argparse.ArgumentParser, keys: Sequence[str]) -> None:
+    for key in keys:
+        if key in BOOLEAN_FIELDS:
+            parser.add_argument(option_name(key), dest=key, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=OPTION_HELP[key])
+        else:
+            parser.add_argument(option_name(key), dest=key, default=argparse.SUPPRESS, metavar="X",
+                                help=OPTION_HELP[key])
+
+
+def convert_option(key: str, value: Any) -> Any:
+    """Convert a command-line string or YAML value to the type of TrainConfig field ``key``."""
+    name = option_name(key)
+    if value is None or key in KNOB_OPTIONS:
+        return value
+    if key in BOOLEAN_FIELDS:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if key in INT_FIELDS:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value))
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+    if key in FLOAT_FIELDS:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        return number
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def parse_count(name: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {text!r}")
+    return value
+
+
+def read_config_file(path: str, allowed: set[str]) -> dict:
+    """Read a YAML options file with a safe loader; keys use underscores or dashes."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(file.read_text())
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ConfigError(f"--config {path} is not valid YAML at {where}: {error.problem}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config {path} is not valid YAML: {error}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config {path} must be a mapping of option names to values, got {type(loaded).__name__}")
+    values = {}
+    for raw_key, value in loaded.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in allowed:
+            raise ConfigError(f"--config {path}: " + unknown_key_message(str(raw_key), allowed))
+        values[key] = value
+    return values
+
+
+def config_from_arguments(arguments: argparse.Namespace, allowed: set[str]) -> TrainConfig:
+    values = read_config_file(arguments.config, allowed) if arguments.config else {}
+    for key in allowed:
+        if hasattr(arguments, key):
+            values[key] = getattr(arguments, key)
+    converted = {key: convert_option(key, value) for key, value in values.items()}
+    return TrainConfig(**converted).validate()
+
+
+# Commands ---------------------------------------------------------------------------------------
+
+
+def run_train(arguments: argparse.Namespace) -> int:
+    from .train import Trainer, resume_trainer
+
+    allowed = set(OPTION_HELP)
+    if arguments.resume:
+        given = sorted(key for key in allowed if hasattr(arguments, key) and key not in RESUME_FIELDS)
+        if given or arguments.config:
+            extra = ", ".join(option_name(key) for key in given) or "--config"
+            raise ConfigError(
+                f"--resume continues a run with its saved options; allowed beside it: "
+                f"{', '.join(sorted(option_name(key) for key in RESUME_FIELDS))}; got {extra}"
+            )
+        overrides = {key: convert_option(key, getattr(arguments, key)) for key in RESUME_FIELDS if hasattr(arguments, key)}
+        trainer = resume_trainer(arguments.resume, overrides=overrides)
+        print(f"resuming {arguments.resume} after epoch {trainer.start_epoch}", flush=True)
+    else:
+        config = config_from_arguments(arguments, allowed)
+        trainer = Trainer(config, log=lambda line: print(line, flush=True))
+
+    with _signals_as_interrupts():
+        try:
+            summary = trainer.fit()
+        except KeyboardInterrupt:
+            out = trainer.config.out
+            finished = len(trainer.history)
+            where = f"; continue with: gct train --resume {out}" if out and finished else ""
+            sys.stderr.write(f"gct train: interrupted during epoch {finished + 1}; kept {finished} finished epochs{where}\n")
+            return 130
+    best = summary["best_test_accuracy"]
+    final = summary["final_test_accuracy"]
+    if final is not None:
+        print(f"final test accuracy {100 * final:.2f}% (best {100 * best:.2f}% at epoch {summary['best_epoch']}), "
+              f"{summary['seconds']:.1f}s")
+    return 0
+
+
+class _signals_as_interrupts:
+    """Turn SIGTERM into KeyboardInterrupt while training, so both end the run the same way."""
+
+    def __enter__(self):
+        self.previous = signal.getsignal(signal.SIGTERM)
+
+        def handler(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def run_schedule(arguments: argparse.Namespace) -> int:
+    config = config_from_arguments(arguments, set(SCHEDULE_FIELDS))
+    steps = parse_count("--steps-per-epoch", arguments.steps_per_epoch)
+    images = None if arguments.train_images is None else parse_count("--train-images", arguments.train_images)
+
+    rows, names = schedule_rows(config, steps, images)
+    if arguments.plot:
+        from .plots import plot_schedule
+
+        plot_schedule(rows, names, arguments.plot, x_key="step" if config.cycle_unit == "step" else "epoch")
+    if arguments.csv:
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        header = ["epoch", "step", "difficulty", *names] if config.cycle_unit == "step" else ["epoch", "difficulty", *names]
+        writer.writerow(header)
+        for row in rows:
+            writer.writerow([_format_number(row[key]) for key in header])
+    elif not arguments.plot or sys.stdout.isatty():
+        _print_table(rows, names, config.cycle_unit)
+    return 0
+
+
+def schedule_rows(config: TrainConfig, steps_per_epoch: int, train_images: int | None) -> tuple[list[dict], list[str]]:
+    """Return one row per epoch (or per step for a step-unit clock) with every knob's value."""
+    from .train import plan_run
+
+    plan = plan_run(config, train_images, steps_per_epoch_override=steps_per_epoch)
+    batch_sizes = plan.batch_sizes
+    clock, knobs = plan.clock, plan.knobs
+    names = list(knobs)
+    rows = []
+    for epoch in range(config.epochs):
+        clock.start_epoch(epoch)
+        count = clock.steps_in_epoch(epoch) if config.cycle_unit == "step" else 1
+        for _ in range(count):
+            row = {"epoch": epoch, "step": clock.global_step, "difficulty": clock.difficulty}
+            for name, knob in knobs.items():
+                row[name] = batch_sizes[epoch] if name == "batch_size" else knob.at(clock)
+            rows.append(row)
+            clock.step()
+    return rows, names
+
+
+def _format_number(value: Any) -> str:
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _print_table(rows: list[dict], names: list[str], unit: str) -> None:
+    columns = ["epoch", "step", "difficulty", *names] if unit == "step" else ["epoch", "difficulty", *names]
+    widths = {column: max(len(column), 10) for column in columns}
+    print("  ".join(column.rjust(widths[column]) for column in columns))
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = row[column]
+            text = str(value) if isinstance(value, int) else f"{value:.6g}"
+            cells.append(text.rjust(widths[column]))
+        print("  ".join(cells))
+
+
+COMMANDS = {"train": run_train, "schedule": run_schedule}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    prefix = f"gct {arguments.command}"
+    try:
+        return COMMANDS[arguments.command](arguments)
+    except ConfigError as error:
+        if arguments.debug:
+            raise
+        sys.stderr.write(f"{prefix}: error: {error}\n")
+        return 2
+    except (DataError, CheckpointError, TrainingError) as error:
+        if arguments.debug:
+            raise
+        sys.stderr.write(f"{prefix}: error: {error}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

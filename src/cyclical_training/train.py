@@ -1,0 +1,527 @@
+"""The training loop of ``gct train``: one clock drives every knob, phase by phase.
+
+Each step: set the knobs from the clock, take a batch, normalise and augment it on its device,
+forward, loss (training logits divided by the temperature), backward, unscale and clip the
+gradients, optimizer step, accumulate metrics on the device. Each epoch: evaluate without the
+temperature, log one line, append to ``metrics.jsonl`` and write ``checkpoint.pt`` atomically.
+
+Every source of randomness after initialisation is derived from (seed, epoch): the data order,
+the augmentation and the training subset. Together with the clock's two integers in the
+checkpoint, a run resumed after any epoch repeats the uninterrupted run bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from . import __version__
+from .augment import augment, normalize, random_crop_flip
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from .clock import Clock, difficulty, progress_at
+from .config import TrainConfig, build_knob
+from .data import BatchLoader, ImageDataset, balanced_subset, load_dataset, steps_per_epoch
+from .errors import CheckpointError, ConfigError, TrainingError
+from .knobs import Knob, KnobSet, WarmupCosine
+from .losses import cross_entropy, cyclical_focal_loss, focal_loss
+from .models import build_model
+from .optim import build_optimizer, split_decay_groups
+
+METRICS_NAME = "metrics.jsonl"
+SUMMARY_NAME = "summary.json"
+CONFIG_NAME = "config.yaml"
+
+# Short labels for the per-epoch log line.
+KNOB_LABELS = {
+    "lr": "lr",
+    "momentum": "mom",
+    "weight_decay": "wd",
+    "temperature": "T",
+    "clip_norm": "clip",
+    "batch_size": "bs",
+    "augment": "aug",
+}
+
+
+def derived_seed(seed: int, epoch: int, stream: int) -> int:
+    """Seed for one random stream (data order, augmentation, ...) of one epoch."""
+    return (seed * 1_000_003 + epoch) * 8 + stream
+
+
+@dataclass
+class Split:
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+class BatchScaledLR:
+    """A learning-rate schedule multiplied by a per-epoch factor that follows the batch size."""
+
+    def __init__(self, base, factors: list[float]) -> None:
+        self.base, self.factors = base, factors
+
+    def at(self, clock: Clock) -> float:
+        return self.base.at(clock) * self.factors[clock.epoch]
+
+    def describe(self) -> str:
+        return f"{self.base.describe()} x batch-size scaling"
+
+
+class Trainer:
+    """Set up a run from a validated ``TrainConfig`` and train it with ``fit()``."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        log: Callable[[str], None] = print,
+        dataset: ImageDataset | None = None,
+        resume_state: dict | None = None,
+    ) -> None:
+        self.config = config.validate()
+        self.log = log
+        self._set_up_runtime()
+        self.dataset = dataset if dataset is not None else load_dataset(
+            config.data, data_dir=config.data_dir, cache_dir=config.cache_dir, image_size=config.image_size
+        )
+        self.train_split, self.validation_split = self._split_training_data()
+        self.test_split = Split(self.dataset.test_images, self.dataset.test_labels)
+        self._build_model_and_optimizer()
+        self._build_clock_and_knobs()
+        self.start_epoch = 0
+        self.history: list[dict] = []
+        if resume_state is not None:
+            self._load_state(resume_state)
+
+    # Set-up -----------------------------------------------------------------------------------
+
+    def _set_up_runtime(self) -> None:
+        config = self.config
+        if config.device == "auto":
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            if config.device == "cuda" and not torch.cuda.is_available():
+                raise ConfigError("--device must be auto or cpu on this machine (no CUDA device found), got 'cuda'")
+            self.device = torch.device(config.device)
+        if self.device.type == "cpu":
+            threads = config.num_threads or len(os.sched_getaffinity(0))
+            torch.set_num_threads(threads)
+        if config.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("--precision must be fp32 or bf16 on the CPU, got 'fp16'")
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
+        # A gradient scaler keeps small fp16 gradients from underflowing to zero; bf16 needs none.
+        self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+
+    def _split_training_data(self) -> tuple[Split, Split | None]:
+        config, labels = self.config, self.dataset.train_labels
+        available = torch.arange(len(labels))
+        validation = None
+        if config.validation_size:
+            if config.validation_size >= len(labels):
+                raise ConfigError(
+                    f"--validation-size must be < the training split ({len(labels)} images), "
+                    f"got {config.validation_size}"
+                )
+            held = balanced_subset(labels, config.validation_size, seed=config.seed, name="--validation-size")
+            keep = torch.ones(len(labels), dtype=torch.bool)
+            keep[held] = False
+            available = available[keep]
+            validation = Split(self.dataset.train_images[held], labels[held])
+        if config.train_size is not None:
+            chosen = balanced_subset(labels[available], config.train_size, seed=config.seed, name="--train-size")
+            available = available[chosen]
+        train = Split(self.dataset.train_images[available], labels[available])
+        return train, validation
+
+    def _build_model_and_optimizer(self) -> None:
+        config, dataset = self.config, self.dataset
+        model_name = config.model
+        if model_name == "auto":
+            model_name = "digits-net" if dataset.image_size <= 8 else "fast-cnn"
+        self.model_name = model_name
+        torch.manual_seed(config.seed)
+        model = build_model(model_name, dataset.num_classes, dataset.in_channels, dataset.image_size)
+        self.model = model.to(self.device, memory_format=self.memory_format)
+
+        specs = config.knob_specs
+        decay = specs.get("weight_decay")
+        built_decay = 0.0 if decay is None else max(decay.easy, decay.hard)
+        groups, counts = split_decay_groups(self.model, built_decay)
+        self.log(f"parameters: {counts.describe()}")
+        lr_spec, momentum_spec = specs["lr"], specs["momentum"]
+        self.optimizer = build_optimizer(config.optimizer, groups, lr=lr_spec.easy, momentum=momentum_spec.easy)
+        self.forward = torch.compile(self.model) if config.compile else self.model
+
+    def _build_clock_and_knobs(self) -> None:
+        plan = plan_run(self.config, len(self.train_split.labels))
+        self.batch_sizes, self.clock = plan.batch_sizes, plan.clock
+        knobs = dict(plan.knobs)
+        for key in ("momentum", "weight_decay"):
+            knob = knobs.get(key)
+            # A constant 0 has nothing to scale: the optimizer was built with it already.
+            if isinstance(knob, Knob) and knob.is_constant and knob.easy == 0:
+                del knobs[key]
+        self.knobs = KnobSet(self.optimizer, **knobs)
+        self.trainable = list(self.model.parameters())
+
+    def _load_state(self, state: dict) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+        except (RuntimeError, KeyError) as error:
+            first_line = str(error).strip().splitlines()[0]
+            raise CheckpointError(
+                f"checkpoint does not fit model {self.model_name} with {self.dataset.num_classes} classes: {first_line}"
+            ) from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.clock.load_state_dict(state["clock"])
+        self.start_epoch = int(state["epoch"]) + 1
+        self.history = list(state.get("history", []))
+
+    # Training ---------------------------------------------------------------------------------
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def training_loss(self, logits: torch.Tensor, labels: torch.Tensor, values: dict) -> torch.Tensor:
+        config = self.config
+        temperature = values.get("temperature", 1.0)
+        if config.loss == "ce":
+            return cross_entropy(logits, labels, temperature=temperature, label_smoothing=config.label_smoothing)
+        scaled = logits / temperature
+        if config.loss == "focal":
+            return focal_loss(scaled, labels, config.gamma_pos, config.gamma_neg, config.label_smoothing)
+        return cyclical_focal_loss(
+            scaled, labels, self.clock.difficulty, config.gamma_hc, config.gamma_pos, config.gamma_neg,
+            config.label_smoothing,
+        )
+
+    def prepare_batch(self, images: torch.Tensor, values: dict, generator: torch.Generator) -> torch.Tensor:
+        x = normalize(images, self.dataset.mean, self.dataset.std)
+        setting = self.config.augment
+        if "augment" in values:
+            x = augment(x, values["augment"], generator=generator)
+        elif setting == "auto" and self.dataset.image_size >= 16:
+            x = random_crop_flip(x, padding=4, generator=generator)
+        return x.contiguous(memory_format=self.memory_format)
+
+    def train_epoch(self, epoch: int, loader: BatchLoader) -> dict:
+        config, clock, model, optimizer = self.config, self.clock, self.model, self.optimizer
+        model.train()
+        generator = torch.Generator().manual_seed(derived_seed(config.seed, epoch, stream=1))
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        norm_sum = torch.zeros((), device=self.device)
+        seen = 0
+        epoch_values = None
+        bar = ProgressBar(len(loader), enabled=config.progress)
+
+        for step, (images, labels) in enumerate(loader):
+            # Set every knob for this step from the clock.
+            values = self.knobs.apply(clock)
+            if epoch_values is None:
+                epoch_values = dict(values)
+
+            # Batch: normalise and augment on the batch's device.
+            x = self.prepare_batch(images, values, generator)
+
+            # Forward and loss; the temperature only ever divides training logits.
+            with self.autocast():
+                logits = self.forward(x)
+                loss = self.training_loss(logits.float(), labels, values)
+
+            # Backward, then clip the true (unscaled) gradients.
+            optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            clip = values.get("clip_norm")
+            if clip is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
+                norm_sum += grad_norm.detach()
+
+            # Guard: never let a non-finite loss or gradient reach the weights.
+            # NOTE: this reads one value from the device per step; on a GPU that is a
+            # synchronisation point (the fp16 gradient scaler makes the same one).
+            if self.scaler is None:
+                check = loss.detach() if clip is None else loss.detach() + grad_norm.detach()
+                if not torch.isfinite(check):
+                    raise TrainingError(self._nonfinite_message(epoch, step, values, loss))
+
+            # Optimizer step.
+            if self.scaler is not None:
+                self.scaler.step(optimizer)
+                self.scaler.update()
+            else:
+                optimizer.step()
+
+            # Metrics stay on the device until the end of the epoch.
+            count = labels.shape[0]
+            loss_sum += loss.detach() * count
+            correct += (logits.argmax(dim=1) == labels).sum()
+            seen += count
+            clock.step()
+            bar.update(step + 1)
+        bar.close()
+
+        record = {
+            "train_loss": (loss_sum / max(seen, 1)).item(),
+            "train_accuracy": correct.item() / max(seen, 1),
+            "knobs": epoch_values or self.knobs.values(clock),
+        }
+        if "clip_norm" in record["knobs"]:
+            record["grad_norm_mean"] = (norm_sum / max(len(loader), 1)).item()
+        return record
+
+    def _nonfinite_message(self, epoch: int, step: int, values: dict, loss: torch.Tensor) -> str:
+        knob_text = ", ".join(f"{name} {value:.4g}" for name, value in values.items())
+        return (
+            f"training stopped: the loss or gradient norm is not finite (loss {loss.item()}) at epoch "
+            f"{epoch + 1}, step {step + 1}, with {knob_text}; the last finished epoch's checkpoint is kept. "
+            "Lower --lr, add --clip-norm, or raise --temperature"
+        )
+
+    @torch.no_grad()
+    def evaluate(self, split: Split, batch_size: int = 1024) -> dict:
+        """Mean loss and accuracy on ``split``, with no temperature and no augmentation."""
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        for start in range(0, len(split.labels), batch_size):
+            images = split.images[start:start + batch_size].to(self.device, non_blocking=True)
+            labels = split.labels[start:start + batch_size].to(self.device, non_blocking=True)
+            x = normalize(images, self.dataset.mean, self.dataset.std).contiguous(memory_format=self.memory_format)
+            with self.autocast():
+                logits = self.forward(x).float()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+            correct += (logits.argmax(dim=1) == labels).sum()
+        count = max(len(split.labels), 1)
+        return {"loss": loss_sum.item() / count, "accuracy": correct.item() / count}
+
+    def fit(self) -> dict:
+        config = self.config
+        out = Path(config.out) if config.out else None
+        if out is not None:
+            self._write_start_files(out)
+        self.log(self._start_line())
+        loader = BatchLoader(
+            self.train_split.images, self.train_split.labels, self.batch_sizes[0], shuffle=True,
+            seed=config.seed, drop_last=config.drop_last, device=self.device,
+        )
+        started = time.perf_counter()
+        for epoch in range(self.start_epoch, config.epochs):
+            epoch_started = time.perf_counter()
+            self.clock.start_epoch(epoch)
+            loader.set_epoch(epoch, self.batch_sizes[epoch])
+
+            record = {"epoch": epoch + 1}
+            record.update(self.train_epoch(epoch, loader))
+            if self.validation_split is not None:
+                validation = self.evaluate(self.validation_split)
+                record["validation_loss"], record["validation_accuracy"] = validation["loss"], validation["accuracy"]
+            test = self.evaluate(self.test_split)
+            record["test_loss"], record["test_accuracy"] = test["loss"], test["accuracy"]
+            record["seconds"] = time.perf_counter() - epoch_started
+
+            # Files first: an interrupt from here on never loses this finished epoch.
+            self.history.append(record)
+            if out is not None:
+                self._write_epoch_files(out, epoch, record)
+            self.log(format_epoch_line(record, config.epochs))
+
+        summary = self._summary(time.perf_counter() - started)
+        if out is not None:
+            (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    # Files ------------------------------------------------------------------------------------
+
+    def _start_line(self) -> str:
+        dataset = self.dataset
+        knob_text = ", ".join(f"{name} {text}" for name, text in self.knobs.describe().items())
+        return (
+            f"data {dataset.name}: {len(self.train_split.labels)} training and {len(self.test_split.labels)} "
+            f"test images, {dataset.num_classes} classes, {dataset.in_channels}x{dataset.image_size}x"
+            f"{dataset.image_size}; model {self.model_name}; {self.config.optimizer}; device {self.device}; "
+            f"{self.clock.total_steps} steps; knobs: {knob_text}"
+        )
+
+    def _write_start_files(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_NAME).write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        metrics = out / METRICS_NAME
+        if self.start_epoch == 0:
+            metrics.write_text("")
+        else:
+            # Drop records of epochs after the checkpoint (an epoch that was interrupted).
+            kept = [line for line in _read_lines(metrics) if json.loads(line)["epoch"] <= self.start_epoch]
+            metrics.write_text("".join(line + "\n" for line in kept))
+
+    def _write_epoch_files(self, out: Path, epoch: int, record: dict) -> None:
+        with open(out / METRICS_NAME, "a") as file:
+            file.write(json.dumps(record) + "\n")
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "epoch": epoch,
+            "clock": self.clock.state_dict(),
+            "history": self.history,
+            "config": self.config.to_dict(),
+            "model_name": self.model_name,
+            "num_classes": self.dataset.num_classes,
+            "classes": list(self.dataset.classes),
+        }
+        save_checkpoint(out / CHECKPOINT_NAME, state)
+
+    def _summary(self, seconds: float) -> dict:
+        tests = [record["test_accuracy"] for record in self.history]
+        best = max(range(len(tests)), key=tests.__getitem__) if tests else None
+        epoch_seconds = [record["seconds"] for record in self.history]
+        return {
+            "final_test_accuracy": tests[-1] if tests else None,
+            "best_test_accuracy": tests[best] if tests else None,
+            "best_epoch": self.history[best]["epoch"] if tests else None,
+            "final_validation_accuracy": self.history[-1].get("validation_accuracy") if tests else None,
+            "epochs": self.config.epochs,
+            "seconds": seconds,
+            "seconds_per_epoch": sum(epoch_seconds) / len(epoch_seconds) if epoch_seconds else None,
+            "seed": self.config.seed,
+            "model": self.model_name,
+            "data": self.dataset.name,
+            "train_images": len(self.train_split.labels),
+            "device": str(self.device),
+            "versions": {
+                "cyclical_training": __version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+        }
+
+
+@dataclass
+class RunPlan:
+    """What the clock and knobs of a run look like before it starts."""
+
+    batch_sizes: list[int]
+    clock: Clock
+    knobs: dict
+
+
+def plan_run(config: TrainConfig, train_images: int | None, steps_per_epoch_override: int | None = None) -> RunPlan:
+    """Build the clock and every knob of a run over ``train_images`` training images.
+
+    The batch size follows the clock at epoch granularity whatever the unit, so the number of
+    steps in every epoch, and therefore the length of a step-unit clock, is known up front.
+    For a preview without data, ``train_images=None`` and ``steps_per_epoch_override`` gives
+    every epoch the same number of steps.
+    """
+    specs = config.validate().knob_specs
+    batch_knob = build_knob("batch_size", specs["batch_size"])
+    batch_sizes = []
+    for epoch in range(config.epochs):
+        d = difficulty(progress_at(epoch, config.epochs), config.peak, config.cycle_shape, config.cycles)
+        batch_sizes.append(int(round(batch_knob.value(d))))
+    if train_images is None:
+        steps = [steps_per_epoch_override or 1] * config.epochs
+    else:
+        largest = max(batch_sizes)
+        if largest > train_images:
+            raise ConfigError(f"--batch-size must be <= the training set ({train_images} images), got {largest}")
+        steps = [steps_per_epoch(train_images, size, config.drop_last) for size in batch_sizes]
+    clock = Clock(
+        epochs=config.epochs, steps_per_epoch=steps, peak=config.peak,
+        shape=config.cycle_shape, cycles=config.cycles, unit=config.cycle_unit,
+    )
+
+    lr_spec = specs["lr"]
+    if lr_spec.is_constant and config.lr_schedule == "warmup-cosine":
+        warmup = round(config.warmup_epochs / config.epochs * clock.total_steps)
+        lr = WarmupCosine(lr_spec.easy, warmup_steps=warmup)
+    else:
+        lr = build_knob("lr", lr_spec)
+    if config.lr_scaling != "none":
+        ratios = [size / batch_sizes[0] for size in batch_sizes]
+        factors = ratios if config.lr_scaling == "linear" else [math.sqrt(ratio) for ratio in ratios]
+        lr = BatchScaledLR(lr, factors)
+
+    knobs = {"lr": lr}
+    for key in ("momentum", "weight_decay", "temperature", "clip_norm", "augment", "batch_size"):
+        if key in specs:
+            knobs[key] = batch_knob if key == "batch_size" else build_knob(key, specs[key])
+    return RunPlan(batch_sizes, clock, knobs)
+
+
+def _read_lines(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def format_epoch_line(record: dict, epochs: int) -> str:
+    width = len(str(epochs))
+    parts = [
+        f"epoch {record['epoch']:>{width}}/{epochs}",
+        f"train loss {record['train_loss']:.4f} acc {100 * record['train_accuracy']:5.2f}%",
+    ]
+    if "validation_accuracy" in record:
+        parts.append(f"val acc {100 * record['validation_accuracy']:5.2f}%")
+    parts.append(f"test loss {record['test_loss']:.4f} acc {100 * record['test_accuracy']:5.2f}%")
+    knob_text = " ".join(f"{KNOB_LABELS.get(name, name)} {value:.4g}" for name, value in record["knobs"].items())
+    parts.append(knob_text)
+    parts.append(f"{record['seconds']:.1f}s")
+    return " | ".join(parts)
+
+
+class ProgressBar:
+    """A one-line progress bar on standard error, drawn only when it is a terminal."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self.total = total
+        self.enabled = enabled and sys.stderr.isatty()
+        self.last_drawn = -1
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        filled = int(30 * done / max(self.total, 1))
+        if filled == self.last_drawn and done != self.total:
+            return
+        self.last_drawn = filled
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 60 + "\r")
+            sys.stderr.flush()
+
+
+def resume_trainer(run_dir: str | Path, log: Callable[[str], None] = print, overrides: dict | None = None) -> Trainer:
+    """Rebuild the run in ``run_dir`` from its config and checkpoint, ready to continue with ``fit()``."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"--resume folder not found: {run_dir}")
+    state = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    values = dict(state.get("config") or {})
+    values.update(overrides or {})
+    values["out"] = str(run_dir)
+    config = TrainConfig.from_dict(values)
+    return Trainer(config, log=log, resume_state=state)
