@@ -31,6 +31,9 @@ OPTION_HELP = {
     "train_size": "train on a class-balanced subset of N images, chosen by the seed (4000: '4K CIFAR-10')",
     "validation_size": "hold out N class-balanced training images for validation (default 0)",
     "image_size": "resize image-folder data to N x N pixels (needed when image sizes differ)",
+    "data_mode": "auto (default: stream folders of more than 100,000 images or --image-size over 64), memory or stream",
+    "workers": "DataLoader worker processes that decode images when streaming (default 4)",
+    "tensorboard": "also write TensorBoard scalars per step to OUT/tensorboard (needs the tensorboard extra)",
     "model": "auto, fast-cnn, fast-cnn-wide, resnet18, digits-net or resnet50 (auto: digits-net for digits, else fast-cnn)",
     "optimizer": "sgd (Nesterov momentum) or adamw",
     "epochs": "number of epochs (default 10)",
@@ -65,8 +68,8 @@ OPTION_HELP = {
     "progress": "draw a progress bar while an epoch runs (on a terminal)",
 }
 
-BOOLEAN_FIELDS = {"drop_last", "channels_last", "compile", "progress"}
-INT_FIELDS = {"train_size", "validation_size", "image_size", "epochs", "cycles", "seed", "num_threads"}
+BOOLEAN_FIELDS = {"drop_last", "channels_last", "compile", "progress", "tensorboard"}
+INT_FIELDS = {"workers", "train_size", "validation_size", "image_size", "epochs", "cycles", "seed", "num_threads"}
 FLOAT_FIELDS = {"warmup_epochs", "label_smoothing", "gamma_hc", "gamma_pos", "gamma_neg", "cycle_peak", "cycle_factor"}
 
 # Options of `gct schedule`: the clock and the knobs, without data, model or run options.

@@ -28,6 +28,7 @@ LR_SCHEDULES = ("warmup-cosine", "constant")
 LR_SCALINGS = ("none", "linear", "sqrt")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+DATA_MODES = ("auto", "memory", "stream")
 
 
 def option_name(key: str) -> str:
@@ -103,6 +104,8 @@ class TrainConfig:
     train_size: int | None = None  # class-balanced training subset; 4000 gives "4K CIFAR-10"
     validation_size: int = 0  # class-balanced images held out of training for model selection
     image_size: int | None = None  # resize image-folder data to this square size (pixels)
+    data_mode: str = "auto"  # memory: decode once and cache; stream: decode per batch in workers
+    workers: int = 4  # DataLoader worker processes when streaming
 
     # Model and optimizer ---------------------------------------------------------------------
     model: str = "auto"  # auto: digits-net for 8x8 digits, fast-cnn otherwise
@@ -144,6 +147,7 @@ class TrainConfig:
     compile: bool = False
     num_threads: int | None = None  # torch CPU threads; default: the number of usable cores
     out: str | None = None  # folder for config.yaml, metrics.jsonl, summary.json, checkpoint.pt
+    tensorboard: bool = False  # also write TensorBoard scalars per step under out/tensorboard
     progress: bool = True  # progress bar on a terminal
 
     # Derived by validate() -------------------------------------------------------------------
@@ -172,6 +176,10 @@ class TrainConfig:
         check_choice("--lr-scaling", self.lr_scaling, LR_SCALINGS)
         check_choice("--precision", self.precision, PRECISIONS)
         check_choice("--device", self.device, DEVICES)
+        check_choice("--data-mode", self.data_mode, DATA_MODES)
+        check_positive_int("--workers", self.workers, minimum=0)
+        if self.tensorboard and not self.out:
+            raise ConfigError("--tensorboard needs --out DIR to write its event files, got no --out")
         check_choice("--cycle-shape", self.cycle_shape, SHAPES)
         check_choice("--cycle-unit", self.cycle_unit, UNITS)
         check_positive_int("--cycles", self.cycles)
