@@ -33,6 +33,7 @@ from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .clock import Clock, difficulty, progress_at
 from .config import TrainConfig, build_knob
 from .data import BatchLoader, ImageDataset, balanced_subset, load_dataset, steps_per_epoch
+from .distributed import ProcessInfo, all_reduce_sum, initialise, process_info_from_environment
 from .errors import CheckpointError, ConfigError, TrainingError
 from .knobs import Knob, KnobSet, WarmupCosine
 from .losses import cross_entropy, cyclical_focal_loss, focal_loss
@@ -90,7 +91,9 @@ class Trainer:
         resume_state: dict | None = None,
     ) -> None:
         self.config = config.validate()
-        self.log = log
+        self.process = process_info_from_environment()
+        # Only rank 0 prints and writes files; every rank computes the same knob values.
+        self.log = log if self.process.is_main else (lambda line: None)
         self._set_up_runtime()
         self.dataset = dataset if dataset is not None else load_dataset(
             config.data, data_dir=config.data_dir, cache_dir=config.cache_dir, image_size=config.image_size
@@ -108,15 +111,20 @@ class Trainer:
 
     def _set_up_runtime(self) -> None:
         config = self.config
-        if config.device == "auto":
-            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device_type = config.device
+        if device_type == "auto":
+            device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device_type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device must be auto or cpu on this machine (no CUDA device found), got 'cuda'")
+        if device_type == "cuda":
+            self.device = torch.device("cuda", self.process.local_rank)
+            torch.cuda.set_device(self.device)
         else:
-            if config.device == "cuda" and not torch.cuda.is_available():
-                raise ConfigError("--device must be auto or cpu on this machine (no CUDA device found), got 'cuda'")
-            self.device = torch.device(config.device)
-        if self.device.type == "cpu":
-            threads = config.num_threads or len(os.sched_getaffinity(0))
-            torch.set_num_threads(threads)
+            self.device = torch.device("cpu")
+            # Processes of one machine share its cores.
+            cores = len(os.sched_getaffinity(0))
+            torch.set_num_threads(config.num_threads or max(1, cores // self.process.world_size))
+        initialise(self.process, self.device)
         if config.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("--precision must be fp32 or bf16 on the CPU, got 'fp16'")
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.precision]
@@ -154,6 +162,12 @@ class Trainer:
         torch.manual_seed(config.seed)
         model = build_model(model_name, dataset.num_classes, dataset.in_channels, dataset.image_size)
         self.model = model.to(self.device, memory_format=self.memory_format)
+        training_model = self.model
+        if self.process.is_distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            training_model = DistributedDataParallel(self.model, device_ids=device_ids)
 
         specs = config.knob_specs
         decay = specs.get("weight_decay")
@@ -162,10 +176,10 @@ class Trainer:
         self.log(f"parameters: {counts.describe()}")
         lr_spec, momentum_spec = specs["lr"], specs["momentum"]
         self.optimizer = build_optimizer(config.optimizer, groups, lr=lr_spec.easy, momentum=momentum_spec.easy)
-        self.forward = torch.compile(self.model) if config.compile else self.model
+        self.forward = torch.compile(training_model) if config.compile else training_model
 
     def _build_clock_and_knobs(self) -> None:
-        plan = plan_run(self.config, len(self.train_split.labels))
+        plan = plan_run(self.config, len(self.train_split.labels), world_size=self.process.world_size)
         self.batch_sizes, self.clock = plan.batch_sizes, plan.clock
         knobs = dict(plan.knobs)
         for key in ("momentum", "weight_decay"):
@@ -223,11 +237,14 @@ class Trainer:
     def train_epoch(self, epoch: int, loader: BatchLoader) -> dict:
         config, clock, model, optimizer = self.config, self.clock, self.model, self.optimizer
         model.train()
-        generator = torch.Generator().manual_seed(derived_seed(config.seed, epoch, stream=1))
+        # Each rank augments its own share of the batch, so each gets its own random stream.
+        generator = torch.Generator().manual_seed(
+            derived_seed(config.seed, epoch, stream=1) * 1024 + self.process.rank
+        )
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = torch.zeros((), device=self.device, dtype=torch.long)
         norm_sum = torch.zeros((), device=self.device)
-        seen = 0
         epoch_values = None
         bar = ProgressBar(len(loader), enabled=config.progress)
 
@@ -262,7 +279,10 @@ class Trainer:
             # synchronisation point (the fp16 gradient scaler makes the same one).
             if self.scaler is None:
                 check = loss.detach() if clip is None else loss.detach() + grad_norm.detach()
-                if not torch.isfinite(check):
+                nonfinite = (~torch.isfinite(check)).to(torch.float32)
+                # Every rank must stop together, or the others would wait forever in the next step.
+                all_reduce_sum(nonfinite)
+                if nonfinite.item() > 0:
                     raise TrainingError(self._nonfinite_message(epoch, step, values, loss))
 
             # Optimizer step.
@@ -281,13 +301,15 @@ class Trainer:
             bar.update(step + 1)
         bar.close()
 
+        all_reduce_sum(loss_sum, correct, seen, norm_sum)
+        count = max(seen.item(), 1)
         record = {
-            "train_loss": (loss_sum / max(seen, 1)).item(),
-            "train_accuracy": correct.item() / max(seen, 1),
+            "train_loss": loss_sum.item() / count,
+            "train_accuracy": correct.item() / count,
             "knobs": epoch_values or self.knobs.values(clock),
         }
         if "clip_norm" in record["knobs"]:
-            record["grad_norm_mean"] = (norm_sum / max(len(loader), 1)).item()
+            record["grad_norm_mean"] = norm_sum.item() / (max(len(loader), 1) * self.process.world_size)
         return record
 
     def _nonfinite_message(self, epoch: int, step: int, values: dict, loss: torch.Tensor) -> str:
@@ -300,30 +322,37 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: Split, batch_size: int = 1024) -> dict:
-        """Mean loss and accuracy on ``split``, with no temperature and no augmentation."""
+        """Mean loss and accuracy on ``split``, with no temperature and no augmentation.
+
+        Under DDP each rank evaluates every world_size-th image and the sums are reduced.
+        """
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
-        for start in range(0, len(split.labels), batch_size):
-            images = split.images[start:start + batch_size].to(self.device, non_blocking=True)
-            labels = split.labels[start:start + batch_size].to(self.device, non_blocking=True)
+        shard = torch.arange(self.process.rank, len(split.labels), self.process.world_size)
+        for start in range(0, len(shard), batch_size):
+            indices = shard[start:start + batch_size]
+            images = split.images[indices].to(self.device, non_blocking=True)
+            labels = split.labels[indices].to(self.device, non_blocking=True)
             x = normalize(images, self.dataset.mean, self.dataset.std).contiguous(memory_format=self.memory_format)
             with self.autocast():
-                logits = self.forward(x).float()
+                logits = self.model(x).float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum")
             correct += (logits.argmax(dim=1) == labels).sum()
+        all_reduce_sum(loss_sum, correct)
         count = max(len(split.labels), 1)
         return {"loss": loss_sum.item() / count, "accuracy": correct.item() / count}
 
     def fit(self) -> dict:
         config = self.config
-        out = Path(config.out) if config.out else None
+        out = Path(config.out) if config.out and self.process.is_main else None
         if out is not None:
             self._write_start_files(out)
         self.log(self._start_line())
         loader = BatchLoader(
             self.train_split.images, self.train_split.labels, self.batch_sizes[0], shuffle=True,
             seed=config.seed, drop_last=config.drop_last, device=self.device,
+            rank=self.process.rank, world_size=self.process.world_size,
         )
         started = time.perf_counter()
         for epoch in range(self.start_epoch, config.epochs):
@@ -425,7 +454,12 @@ class RunPlan:
     knobs: dict
 
 
-def plan_run(config: TrainConfig, train_images: int | None, steps_per_epoch_override: int | None = None) -> RunPlan:
+def plan_run(
+    config: TrainConfig,
+    train_images: int | None,
+    steps_per_epoch_override: int | None = None,
+    world_size: int = 1,
+) -> RunPlan:
     """Build the clock and every knob of a run over ``train_images`` training images.
 
     The batch size follows the clock at epoch granularity whatever the unit, so the number of
@@ -445,7 +479,7 @@ def plan_run(config: TrainConfig, train_images: int | None, steps_per_epoch_over
         largest = max(batch_sizes)
         if largest > train_images:
             raise ConfigError(f"--batch-size must be <= the training set ({train_images} images), got {largest}")
-        steps = [steps_per_epoch(train_images, size, config.drop_last) for size in batch_sizes]
+        steps = [batches_per_epoch(train_images, size, config.drop_last, world_size) for size in batch_sizes]
     clock = Clock(
         epochs=config.epochs, steps_per_epoch=steps, peak=config.peak,
         shape=config.cycle_shape, cycles=config.cycles, unit=config.cycle_unit,
@@ -467,6 +501,17 @@ def plan_run(config: TrainConfig, train_images: int | None, steps_per_epoch_over
         if key in specs:
             knobs[key] = batch_knob if key == "batch_size" else build_knob(key, specs[key])
     return RunPlan(batch_sizes, clock, knobs)
+
+
+def batches_per_epoch(train_images: int, batch_size: int, drop_last: bool, world_size: int = 1) -> int:
+    """Optimizer steps in one epoch; under DDP a final global batch smaller than world_size is dropped."""
+    steps = steps_per_epoch(train_images, batch_size, drop_last)
+    last = train_images - (steps - 1) * batch_size
+    if world_size > 1 and last < world_size:
+        steps -= 1
+    if steps < 1:
+        raise ConfigError(f"--batch-size must leave at least one batch per epoch, got {batch_size}")
+    return steps
 
 
 def _read_lines(path: Path) -> list[str]:
