@@ -194,3 +194,36 @@ def test_console_script_module_entry():
     )
     assert result.returncode == 0
     assert result.stdout.splitlines()[0].startswith("epoch,difficulty,lr")
+
+
+def test_plot_draws_finished_run(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "2", "--temperature", "0.5:2", "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    code, stdout, _ = run_cli(capsys, "plot", str(out))
+    assert code == 0
+    assert stdout.strip() == str(out / "run.png")
+    assert (out / "run.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_rejects_folder_without_metrics(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "plot", str(tmp_path))
+    assert code == 1
+    assert err == f"gct plot: error: DIR must be a folder written by gct train --out, got {tmp_path} (no metrics.jsonl)\n"
+
+
+def test_tensorboard_writes_event_files(capsys, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    code, _, _ = run_cli(capsys, "train", "--epochs", "2", "--weight-decay", "1e-4:1e-3", "--out", str(out),
+                         "--tensorboard", "--no-progress")
+    assert code == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "knobs/weight_decay", "knobs/lr", "test/accuracy"} <= tags
+    steps = [event.step for event in events.Scalars("knobs/weight_decay")]
+    assert steps == list(range(len(steps)))
+    assert len(steps) == 12

@@ -110,6 +110,11 @@ def build_parser() -> OneLineParser:
     schedule.add_argument("--plot", metavar="FILE.png", help="draw the knob curves to a PNG file")
     schedule.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     _add_config_options(schedule, list(SCHEDULE_FIELDS))
+
+    plot = commands.add_parser("plot", help="draw the curves and knob values of a finished run to PNG")
+    plot.add_argument("run_dir", metavar="DIR", help="folder written by gct train --out")
+    plot.add_argument("--output", metavar="FILE.png", help="where to write the plot (default: DIR/run.png)")
+    plot.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return parser
 
 
@@ -317,7 +322,18 @@ def _print_table(rows: list[dict], names: list[str], unit: str) -> None:
         print("  ".join(cells))
 
 
-COMMANDS = {"train": run_train, "schedule": run_schedule}
+def run_plot(arguments: argparse.Namespace) -> int:
+    from .plots import plot_run
+
+    metrics = Path(arguments.run_dir) / "metrics.jsonl"
+    if not metrics.is_file():
+        raise DataError(f"DIR must be a folder written by gct train --out, got {arguments.run_dir} (no metrics.jsonl)")
+    path = plot_run(arguments.run_dir, arguments.output)
+    print(path)
+    return 0
+
+
+COMMANDS = {"train": run_train, "schedule": run_schedule, "plot": run_plot}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -104,6 +104,7 @@ class Trainer:
         self._build_clock_and_knobs()
         self.start_epoch = 0
         self.history: list[dict] = []
+        self.tensorboard = None
         if resume_state is not None:
             self._load_state(resume_state)
 
@@ -297,6 +298,12 @@ class Trainer:
             loss_sum += loss.detach() * count
             correct += (logits.argmax(dim=1) == labels).sum()
             seen += count
+            if self.tensorboard is not None:
+                # NOTE: add_scalar reads the loss from the device: one synchronisation per step,
+                # paid only when --tensorboard is on.
+                self.tensorboard.add_scalar("train/loss", loss.detach(), clock.global_step)
+                for name, value in values.items():
+                    self.tensorboard.add_scalar(f"knobs/{name}", value, clock.global_step)
             clock.step()
             bar.update(step + 1)
         bar.close()
@@ -346,8 +353,11 @@ class Trainer:
     def fit(self) -> dict:
         config = self.config
         out = Path(config.out) if config.out and self.process.is_main else None
+        self.tensorboard = None
         if out is not None:
             self._write_start_files(out)
+            if config.tensorboard:
+                self.tensorboard = open_tensorboard(out / "tensorboard")
         self.log(self._start_line())
         loader = BatchLoader(
             self.train_split.images, self.train_split.labels, self.batch_sizes[0], shuffle=True,
@@ -373,8 +383,16 @@ class Trainer:
             self.history.append(record)
             if out is not None:
                 self._write_epoch_files(out, epoch, record)
+            if self.tensorboard is not None:
+                for key in ("train_accuracy", "validation_accuracy", "test_accuracy", "test_loss"):
+                    if key in record:
+                        split, metric = key.split("_")
+                        self.tensorboard.add_scalar(f"{split}/{metric}", record[key], self.clock.global_step)
+                self.tensorboard.flush()
             self.log(format_epoch_line(record, config.epochs))
 
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         summary = self._summary(time.perf_counter() - started)
         if out is not None:
             (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
@@ -512,6 +530,17 @@ def batches_per_epoch(train_images: int, batch_size: int, drop_last: bool, world
     if steps < 1:
         raise ConfigError(f"--batch-size must leave at least one batch per epoch, got {batch_size}")
     return steps
+
+
+def open_tensorboard(folder: Path):
+    """Open a TensorBoard event writer in ``folder`` (the optional tensorboard extra)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError(
+            "--tensorboard needs the tensorboard package: pip install 'cyclical-training[tensorboard]'"
+        ) from None
+    return SummaryWriter(log_dir=str(folder))
 
 
 def _read_lines(path: Path) -> list[str]:
