@@ -67,6 +67,35 @@ class Split:
     labels: torch.Tensor
 
 
+@dataclass
+class StreamSplit:
+    """Part of an image-folder tree that is decoded from disk batch by batch."""
+
+    samples: list
+    indices: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass
+class StreamedData:
+    """What the trainer needs to know of a streamed tree: the in-memory ImageDataset's fields."""
+
+    name: str
+    classes: list
+    image_size: int
+    mean: tuple
+    std: tuple
+    in_channels: int = 3
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# Images decoded to estimate the channel statistics of a streamed tree.
+STREAM_STATISTICS_SAMPLE = 2000
+
+
 class BatchScaledLR:
     """A learning-rate schedule multiplied by a per-epoch factor that follows the batch size."""
 
@@ -95,11 +124,14 @@ class Trainer:
         # Only rank 0 prints and writes files; every rank computes the same knob values.
         self.log = log if self.process.is_main else (lambda line: None)
         self._set_up_runtime()
-        self.dataset = dataset if dataset is not None else load_dataset(
-            config.data, data_dir=config.data_dir, cache_dir=config.cache_dir, image_size=config.image_size
-        )
-        self.train_split, self.validation_split = self._split_training_data()
-        self.test_split = Split(self.dataset.test_images, self.dataset.test_labels)
+        if dataset is None and self._streams():
+            self._set_up_streaming()
+        else:
+            self.dataset = dataset if dataset is not None else load_dataset(
+                config.data, data_dir=config.data_dir, cache_dir=config.cache_dir, image_size=config.image_size
+            )
+            self.train_split, self.validation_split = self._split_training_data()
+            self.test_split = Split(self.dataset.test_images, self.dataset.test_labels)
         self._build_model_and_optimizer()
         self._build_clock_and_knobs()
         self.start_epoch = 0
@@ -133,6 +165,91 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
 
+    def _streams(self) -> bool:
+        from .streaming import should_stream
+
+        config = self.config
+        if config.data in ("digits", "cifar10", "cifar100") or not Path(config.data).is_dir():
+            if config.data_mode == "stream":
+                raise ConfigError(f"--data-mode stream needs an image-folder tree, got --data {config.data}")
+            return False
+        return should_stream(config.data, config.image_size or 224, config.data_mode)
+
+    def _set_up_streaming(self) -> None:
+        from .streaming import build_stream_loader, sample_labels, scan_image_folder
+
+        config = self.config
+        if config.validation_size:
+            # NOTE: a validation split of a streamed tree is not implemented yet.
+            raise ConfigError(f"--validation-size must be 0 with a streamed tree, got {config.validation_size}")
+        image_size = config.image_size or 224
+        index = scan_image_folder(config.data)
+        train_labels = sample_labels(index.train)
+        chosen = torch.arange(len(train_labels))
+        if config.train_size is not None:
+            chosen = balanced_subset(train_labels, config.train_size, seed=config.seed, name="--train-size")
+        self.train_split = StreamSplit(index.train, chosen, train_labels[chosen])
+        self.test_split = StreamSplit(index.test, torch.arange(len(index.test)), sample_labels(index.test))
+        self.validation_split = None
+
+        # Channel statistics from a seeded sample of evaluation crops of the training images.
+        sample = chosen[torch.randperm(len(chosen), generator=torch.Generator().manual_seed(config.seed))]
+        sample = sample[:STREAM_STATISTICS_SAMPLE]
+        loader = build_stream_loader(
+            index.train, image_size, train=False, batch_size=min(256, len(sample)), seed=config.seed,
+            workers=config.workers, indices=sample,
+        )
+        total = torch.zeros(3, dtype=torch.float64)
+        squares = torch.zeros(3, dtype=torch.float64)
+        pixels = 0
+        for images, _ in loader:
+            values = images.to(torch.float64) / 255.0
+            total += values.sum(dim=(0, 2, 3))
+            squares += (values ** 2).sum(dim=(0, 2, 3))
+            pixels += values.shape[0] * values.shape[2] * values.shape[3]
+        mean = total / pixels
+        std = (squares / pixels - mean ** 2).clamp_min(1e-12).sqrt()
+        self.dataset = StreamedData(
+            name=Path(config.data).name, classes=list(index.classes), image_size=image_size,
+            mean=tuple(mean.tolist()), std=tuple(std.tolist()),
+        )
+
+    def _make_train_loader(self):
+        config, split = self.config, self.train_split
+        if isinstance(split, StreamSplit):
+            from .streaming import build_stream_loader
+
+            return build_stream_loader(
+                split.samples, self.dataset.image_size, train=True, batch_size=self.batch_sizes[0],
+                seed=config.seed, workers=config.workers, rank=self.process.rank,
+                world_size=self.process.world_size, drop_last=config.drop_last, indices=split.indices,
+            )
+        return BatchLoader(
+            split.images, split.labels, self.batch_sizes[0], shuffle=True,
+            seed=config.seed, drop_last=config.drop_last, device=self.device,
+            rank=self.process.rank, world_size=self.process.world_size,
+        )
+
+    def _evaluation_batches(self, split, batch_size: int):
+        """Yield (images, labels) of this rank's share of ``split`` on the device."""
+        if isinstance(split, StreamSplit):
+            from .streaming import build_stream_loader
+
+            loader = build_stream_loader(
+                split.samples, self.dataset.image_size, train=False,
+                batch_size=min(batch_size, len(split.indices)), seed=self.config.seed,
+                workers=self.config.workers, rank=self.process.rank, world_size=self.process.world_size,
+                indices=split.indices,
+            )
+            for images, labels in loader:
+                yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            return
+        shard = torch.arange(self.process.rank, len(split.labels), self.process.world_size)
+        for start in range(0, len(shard), batch_size):
+            indices = shard[start:start + batch_size]
+            yield (split.images[indices].to(self.device, non_blocking=True),
+                   split.labels[indices].to(self.device, non_blocking=True))
+
     def _split_training_data(self) -> tuple[Split, Split | None]:
         config, labels = self.config, self.dataset.train_labels
         available = torch.arange(len(labels))
@@ -158,7 +275,12 @@ class Trainer:
         config, dataset = self.config, self.dataset
         model_name = config.model
         if model_name == "auto":
-            model_name = "digits-net" if dataset.image_size <= 8 else "fast-cnn"
+            if dataset.image_size <= 8:
+                model_name = "digits-net"
+            elif dataset.image_size <= 64:
+                model_name = "fast-cnn"
+            else:
+                model_name = "resnet50"
         self.model_name = model_name
         torch.manual_seed(config.seed)
         model = build_model(model_name, dataset.num_classes, dataset.in_channels, dataset.image_size)
@@ -235,7 +357,7 @@ class Trainer:
             x = random_crop_flip(x, padding=4, generator=generator)
         return x.contiguous(memory_format=self.memory_format)
 
-    def train_epoch(self, epoch: int, loader: BatchLoader) -> dict:
+    def train_epoch(self, epoch: int, loader) -> dict:
         config, clock, model, optimizer = self.config, self.clock, self.model, self.optimizer
         model.train()
         # Each rank augments its own share of the batch, so each gets its own random stream.
@@ -250,6 +372,9 @@ class Trainer:
         bar = ProgressBar(len(loader), enabled=config.progress)
 
         for step, (images, labels) in enumerate(loader):
+            # A no-op for in-memory data, which already lives on the device.
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
             # Set every knob for this step from the clock.
             values = self.knobs.apply(clock)
             if epoch_values is None:
@@ -336,11 +461,7 @@ class Trainer:
         self.model.eval()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
-        shard = torch.arange(self.process.rank, len(split.labels), self.process.world_size)
-        for start in range(0, len(shard), batch_size):
-            indices = shard[start:start + batch_size]
-            images = split.images[indices].to(self.device, non_blocking=True)
-            labels = split.labels[indices].to(self.device, non_blocking=True)
+        for images, labels in self._evaluation_batches(split, batch_size):
             x = normalize(images, self.dataset.mean, self.dataset.std).contiguous(memory_format=self.memory_format)
             with self.autocast():
                 logits = self.model(x).float()
@@ -359,11 +480,7 @@ class Trainer:
             if config.tensorboard:
                 self.tensorboard = open_tensorboard(out / "tensorboard")
         self.log(self._start_line())
-        loader = BatchLoader(
-            self.train_split.images, self.train_split.labels, self.batch_sizes[0], shuffle=True,
-            seed=config.seed, drop_last=config.drop_last, device=self.device,
-            rank=self.process.rank, world_size=self.process.world_size,
-        )
+        loader = self._make_train_loader()
         started = time.perf_counter()
         for epoch in range(self.start_epoch, config.epochs):
             epoch_started = time.perf_counter()
