@@ -12,7 +12,7 @@ import pytest
 WORKER = Path(__file__).parent / "scripts" / "ddp_worker.py"
 
 # Each rank normalises its BatchNorm statistics over its own half of the batch, so two ranks do
-# not repeat one process's run exactly; on digits the final accuracies agree within this.
+# not repeat one process's run exactly. On digits the final accuracies agree within this.
 ACCURACY_TOLERANCE = 0.03
 
 
