@@ -9,11 +9,14 @@ run time (missing data, a broken checkpoint, a loss that is no longer finite) ex
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import math
+import re
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -53,6 +56,24 @@ OPTION_HELP = {
     "gamma_neg": "focal losses: exponent on the other classes (default 4)",
     "clip_norm": "gradient clipping threshold on the global L2 norm, X or EASY:HARD (easy = tight, small)",
     "augment": "auto (crop and flip for images of 16 px or more), none, or a magnitude X or EASY:HARD in [0, 1]",
+    "labeled": "semi-supervised: keep the labels of a class-balanced subset of N training images and treat "
+               "the rest as unlabeled; an epoch is one pass over the N labeled images",
+    "unlabeled_ratio": "semi-supervised: unlabeled images per labeled image in each step (default 7)",
+    "unlabeled_weight": "semi-supervised: weight of the pseudo-label loss, X or EASY:HARD (default 1)",
+    "confidence": "semi-supervised: softmax confidence a pseudo-label needs, X or EASY:HARD in [0, 1] "
+                  "(default 0.95)",
+    "curriculum": "sample each epoch from the easiest fraction q of the training set, X or EASY:HARD in (0, 1], "
+                  "e.g. 0.3:1",
+    "difficulty_scores": "curriculum: text or .npy file of one difficulty score per training image (higher is "
+                         "harder); default: out-of-fold loss of short scoring runs",
+    "scoring_epochs": "curriculum: epochs of each of the two out-of-fold scoring models (default 3)",
+    "teacher": "distil from this gct train checkpoint.pt (or its folder)",
+    "kd_weight": "distillation: weight alpha of the teacher term in [0, 1], X or EASY:HARD (default 0.5)",
+    "kd_temperature": "distillation: softmax temperature of the teacher term, X or EASY:HARD (default 4)",
+    "finetune": "start from the weights of this gct train checkpoint.pt (or its folder); a new head when the "
+                "class count differs",
+    "unfreeze": "fine-tuning: share of blocks that train, counted from the top, X or EASY:HARD in [0, 1] "
+                "(default 1: all; the head always trains)",
     "cycle_peak": "fraction of training at the hardest point, in (0, 1] (default 0.5)",
     "cycle_factor": "the paper's cyclical factor f >= 1, the same as --cycle-peak 1/f",
     "cycle_shape": "linear (default) or cosine",
@@ -69,14 +90,18 @@ OPTION_HELP = {
 }
 
 BOOLEAN_FIELDS = {"drop_last", "channels_last", "compile", "progress", "tensorboard"}
-INT_FIELDS = {"workers", "train_size", "validation_size", "image_size", "epochs", "cycles", "seed", "num_threads"}
+INT_FIELDS = {
+    "workers", "train_size", "validation_size", "image_size", "epochs", "cycles", "seed", "num_threads",
+    "labeled", "unlabeled_ratio", "scoring_epochs",
+}
 FLOAT_FIELDS = {"warmup_epochs", "label_smoothing", "gamma_hc", "gamma_pos", "gamma_neg", "cycle_peak", "cycle_factor"}
 
 # Options of `gct schedule`: the clock and the knobs, without data, model or run options.
 SCHEDULE_FIELDS = (
     "epochs", "batch_size", "drop_last", "lr", "lr_schedule", "warmup_epochs", "lr_scaling", "momentum",
     "weight_decay", "temperature", "clip_norm", "augment", "cycle_peak", "cycle_factor", "cycle_shape",
-    "cycle_unit", "cycles",
+    "cycle_unit", "cycles", "unlabeled_weight", "confidence", "curriculum", "kd_weight", "kd_temperature",
+    "unfreeze",
 )
 
 # Options that may accompany --resume; every other option comes from the saved run.
@@ -110,6 +135,13 @@ def build_parser() -> OneLineParser:
     schedule.add_argument("--plot", metavar="FILE.png", help="draw the knob curves to a PNG file")
     schedule.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     _add_config_options(schedule, list(SCHEDULE_FIELDS))
+
+    from .reproduce import add_reproduce_arguments
+
+    reproduce = commands.add_parser(
+        "reproduce", help="train constant and cyclical arms over seeds and report the paired difference"
+    )
+    add_reproduce_arguments(reproduce)
 
     plot = commands.add_parser("plot", help="draw the curves and knob values of a finished run to PNG")
     plot.add_argument("run_dir", metavar="DIR", help="folder written by gct train --out")
@@ -181,6 +213,13 @@ def read_config_file(path: str, allowed: set[str]) -> dict:
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        tag = _unsupported_tag(error)
+        if tag is not None:
+            # safe_load builds only plain values; a tag such as !!python/object/apply would run code.
+            raise ConfigError(
+                f"--config {path} must contain plain values (numbers, strings, lists, true or false), "
+                f"got the tag {tag} at {where}"
+            ) from None
         raise ConfigError(f"--config {path} is not valid YAML at {where}: {error.problem}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"--config {path} is not valid YAML: {error}") from None
@@ -195,6 +234,16 @@ def read_config_file(path: str, allowed: set[str]) -> dict:
             raise ConfigError(f"--config {path}: " + unknown_key_message(str(raw_key), allowed))
         values[key] = value
     return values
+
+
+def _unsupported_tag(error: yaml.MarkedYAMLError) -> str | None:
+    """Return the tag that the safe loader has no constructor for, as written in the file."""
+    if not isinstance(error, yaml.constructor.ConstructorError):
+        return None
+    match = re.search(r"constructor for the tag '([^']*)'", error.problem or "")
+    if match is None:
+        return None
+    return match.group(1).replace("tag:yaml.org,2002:", "!!", 1)
 
 
 def config_from_arguments(arguments: argparse.Namespace, allowed: set[str]) -> TrainConfig:
@@ -213,30 +262,32 @@ def run_train(arguments: argparse.Namespace) -> int:
     from .train import Trainer, resume_trainer
 
     allowed = set(OPTION_HELP)
-    if arguments.resume:
-        given = sorted(key for key in allowed if hasattr(arguments, key) and key not in RESUME_FIELDS)
-        if given or arguments.config:
-            extra = ", ".join(option_name(key) for key in given) or "--config"
-            raise ConfigError(
-                f"--resume continues a run with its saved options; allowed beside it: "
-                f"{', '.join(sorted(option_name(key) for key in RESUME_FIELDS))}; got {extra}"
-            )
-        overrides = {key: convert_option(key, getattr(arguments, key)) for key in RESUME_FIELDS if hasattr(arguments, key)}
-        trainer = resume_trainer(arguments.resume, overrides=overrides)
-        print(f"resuming {arguments.resume} after epoch {trainer.start_epoch}", flush=True)
-    else:
-        config = config_from_arguments(arguments, allowed)
-        trainer = Trainer(config, log=lambda line: print(line, flush=True))
-
-    with _signals_as_interrupts():
+    trainer = None
+    with _InterruptGuard() as guard:
         try:
+            if arguments.resume:
+                given = sorted(key for key in allowed if hasattr(arguments, key) and key not in RESUME_FIELDS)
+                if given or arguments.config:
+                    extra = ", ".join(option_name(key) for key in given) or "--config"
+                    raise ConfigError(
+                        f"--resume continues a run with its saved options; allowed beside it: "
+                        f"{', '.join(sorted(option_name(key) for key in RESUME_FIELDS))}; got {extra}"
+                    )
+                overrides = {
+                    key: convert_option(key, getattr(arguments, key))
+                    for key in RESUME_FIELDS
+                    if hasattr(arguments, key)
+                }
+                trainer = resume_trainer(arguments.resume, overrides=overrides)
+                print(f"resuming {arguments.resume} after epoch {trainer.start_epoch}", flush=True)
+            else:
+                config = config_from_arguments(arguments, allowed)
+                trainer = Trainer(config, log=lambda line: print(line, flush=True))
+            guard.shield_epoch_files(trainer)
             summary = trainer.fit()
         except KeyboardInterrupt:
-            out = trainer.config.out
-            finished = len(trainer.history)
-            where = f"; continue with: gct train --resume {out}" if out and finished else ""
-            sys.stderr.write(f"gct train: interrupted during epoch {finished + 1}; kept {finished} finished epochs{where}\n")
-            return 130
+            sys.stderr.write(f"gct train: {guard.describe(trainer)}\n")
+            return guard.exit_status
     best = summary["best_test_accuracy"]
     final = summary["final_test_accuracy"]
     if final is not None:
@@ -245,20 +296,88 @@ def run_train(arguments: argparse.Namespace) -> int:
     return 0
 
 
-class _signals_as_interrupts:
-    """Turn SIGTERM into KeyboardInterrupt while training, so both end the run the same way."""
+class _InterruptGuard:
+    """Turn SIGINT and SIGTERM into KeyboardInterrupt during ``gct train``, except while epoch files are written.
 
-    def __enter__(self):
-        self.previous = signal.getsignal(signal.SIGTERM)
+    A signal that arrives while metrics.jsonl and checkpoint.pt are written is raised once both
+    are complete, so the two files always describe the same finished epochs. The current
+    epoch is abandoned, and the exit status is 128 + the signal number (130 for SIGINT, 143 for
+    SIGTERM), as shells report a process killed by that signal.
+    """
 
-        def handler(signum, frame):
-            raise KeyboardInterrupt
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-        signal.signal(signal.SIGTERM, handler)
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.saved_epochs = 0
+        self._deferring = False
+        self._pending = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_InterruptGuard":
+        # Python accepts signal handlers only in the main thread; elsewhere Ctrl-C stays as it is.
+        if threading.current_thread() is threading.main_thread():
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is None:
+            self.received = signum
+        if self._deferring:
+            self._pending = True
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Hold back the KeyboardInterrupt of a signal until the block has finished."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        if self._pending:
+            raise KeyboardInterrupt
+
+    def shield_epoch_files(self, trainer) -> None:
+        """Make ``trainer`` write each epoch's metrics line and checkpoint with signals deferred."""
+        # NOTE: this wraps a private method of Trainer; a hook in Trainer.fit would be cleaner.
+        self.saved_epochs = trainer.start_epoch
+        write = trainer._write_epoch_files
+
+        def write_deferred(*args, **kwargs):
+            with self.deferred():
+                write(*args, **kwargs)
+                self.saved_epochs = len(trainer.history)
+
+        trainer._write_epoch_files = write_deferred
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + (self.received or signal.SIGINT)
+
+    def describe(self, trainer) -> str:
+        """Return the one-line message for a run that a signal ended."""
+        cause = f"interrupted by {signal.Signals(self.received).name}" if self.received else "interrupted"
+        if trainer is None:
+            return f"{cause} before training started"
+        epochs = trainer.config.epochs
+        finished = len(trainer.history)
+        where = f"during epoch {finished + 1} of {epochs}" if finished < epochs else "after the last epoch"
+        out = trainer.config.out
+        if not out:
+            return f"{cause} {where}; nothing was saved because --out was not given"
+        if self.saved_epochs == 0:
+            return f"{cause} {where}; no epoch finished, so {out} has no checkpoint to resume from"
+        return (
+            f"{cause} {where}; {out} keeps the checkpoint of epoch {self.saved_epochs}; "
+            f"continue with: gct train --resume {out}"
+        )
 
 
 def run_schedule(arguments: argparse.Namespace) -> int:
@@ -333,13 +452,30 @@ def run_plot(arguments: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train, "schedule": run_schedule, "plot": run_plot}
+def run_reproduce_command(arguments: argparse.Namespace) -> int:
+    from .reproduce import run_reproduce
+
+    return run_reproduce(arguments)
+
+
+COMMANDS = {"train": run_train, "schedule": run_schedule, "plot": run_plot, "reproduce": run_reproduce_command}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one gct command and return its exit status.
+
+    Every error becomes one line on standard error: status 2 for a bad option (ConfigError), 1
+    for a failure at run time, 130 for Ctrl-C outside ``gct train``'s loop. ``--debug`` re-raises
+    instead, so Python prints the traceback.
+    """
     parser = build_parser()
-    arguments = parser.parse_args(argv)
+    # parse_args would report unknown options as "gct: error", without the command's name.
+    arguments, unknown = parser.parse_known_args(argv)
     prefix = f"gct {arguments.command}"
+    if unknown:
+        # Exit as argparse does for every other usage error.
+        sys.stderr.write(f"{prefix}: error: unrecognized arguments: {' '.join(unknown)}\n")
+        raise SystemExit(2)
     try:
         return COMMANDS[arguments.command](arguments)
     except ConfigError as error:
@@ -351,6 +487,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if arguments.debug:
             raise
         sys.stderr.write(f"{prefix}: error: {error}\n")
+        return 1
+    except KeyboardInterrupt:
+        if arguments.debug:
+            raise
+        sys.stderr.write(f"{prefix}: interrupted\n")
+        return 128 + signal.SIGINT
+    except OSError as error:
+        # A file that cannot be created, read or written, such as --out naming a file.
+        if arguments.debug:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        sys.stderr.write(f"{prefix}: error: {where}{error.strerror or error}\n")
+        return 1
+    except Exception as error:  # noqa: BLE001 - the last handler before Python prints a traceback
+        if arguments.debug:
+            raise
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else "no message"
+        sys.stderr.write(
+            f"{prefix}: error: unexpected {type(error).__name__}: {detail}; "
+            "run again with --debug to see the traceback\n"
+        )
         return 1
 
 
