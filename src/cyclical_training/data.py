@@ -41,7 +41,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .errors import ConfigError, DataError, check_positive_int
 
@@ -219,6 +219,14 @@ def _resolve_data_path(data: str, data_dir: str | None) -> Path:
     if path.exists():
         return path
     builtins = ", ".join(BUILTIN_DATASETS)
+    looks_like_name = "/" not in data and "\\" not in data and "." not in data
+    if looks_like_name:
+        # A bare word that is no file is a misspelt data set name, so it is an option error.
+        import difflib
+
+        close = difflib.get_close_matches(data, BUILTIN_DATASETS, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"--data must be one of {builtins} or a path, got {data!r}{hint}")
     where = f" (looked in the working directory and in data_dir {data_dir})" if data_dir else ""
     raise DataError(
         f"data path not found: {data}{where}. data must be one of {builtins}, an image-folder"
@@ -728,6 +736,8 @@ def _decode_image(image_file: _ImageFile, image_size: int | None) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(content)) as image:
             picture = image.convert("RGB")
+    except UnidentifiedImageError:
+        raise DataError(f"cannot decode image {image_file.source}: not an image format that Pillow reads") from None
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
         raise DataError(f"cannot decode image {image_file.source}: {error}") from error
     if image_size is not None:
@@ -791,7 +801,8 @@ def _tree_fingerprint(path: Path) -> tuple[int, int]:
     count = 0
     for folder, subfolders, names in os.walk(path):
         for name in subfolders + names:
-            newest = max(newest, os.stat(os.path.join(folder, name)).st_mtime_ns)
+            # A dangling link must reach the image reader, which names it, not fail here.
+            newest = max(newest, os.stat(os.path.join(folder, name), follow_symlinks=False).st_mtime_ns)
         count += len(names)
     return count, newest
 
