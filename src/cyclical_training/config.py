@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .clock import SHAPES, UNITS, peak_from_factor, validate_clock_options
@@ -90,7 +91,21 @@ def parse_knob_spec(key: str, raw: Any) -> KnobSpec:
 
 
 # Options that take a knob (X or EASY:HARD); ``None`` as a value turns an optional knob off.
-KNOB_OPTIONS = ("lr", "momentum", "weight_decay", "temperature", "clip_norm", "batch_size", "augment")
+KNOB_OPTIONS = (
+    "lr", "momentum", "weight_decay", "temperature", "clip_norm", "batch_size", "augment",
+    "unlabeled_weight", "confidence", "curriculum", "kd_weight", "kd_temperature", "unfreeze",
+)
+
+# Knobs of the techniques in semi_supervised.py, curriculum.py, finetune.py and distillation, the
+# option each one needs, and the value it takes when that option is given without the knob.
+TECHNIQUE_KNOBS = {
+    "unlabeled_weight": ("labeled", 1.0),
+    "confidence": ("labeled", 0.95),
+    "curriculum": (None, None),
+    "kd_weight": ("teacher", 0.5),
+    "kd_temperature": ("teacher", 4.0),
+    "unfreeze": ("finetune", 1.0),
+}
 
 
 @dataclass
@@ -131,6 +146,20 @@ class TrainConfig:
     # Gradient clipping and augmentation -------------------------------------------------------
     clip_norm: Any = None  # global L2 norm threshold; easy = tight (small); None: no clipping
     augment: Any = "auto"  # auto: crop and flip for images >= 16 px; X or EASY:HARD: magnitude in [0, 1]
+
+    # Techniques (see docs/techniques.md) -------------------------------------------------------
+    labeled: int | None = None  # semi-supervised: class-balanced labeled images; the rest are unlabeled
+    unlabeled_ratio: int = 7  # semi-supervised: unlabeled images per labeled image in a step
+    unlabeled_weight: Any = None  # semi-supervised: weight of the unlabeled loss; default 1 with --labeled
+    confidence: Any = None  # semi-supervised: pseudo-label threshold; default 0.95 with --labeled
+    curriculum: Any = None  # easiest fraction of the training set to sample from; None: off
+    difficulty_scores: str | None = None  # curriculum: file of one score per training image
+    scoring_epochs: int = 3  # curriculum: epochs of each out-of-fold scoring model
+    teacher: str | None = None  # distillation: checkpoint.pt (or its folder) of the teacher
+    kd_weight: Any = None  # distillation: alpha, the weight of the teacher term; default 0.5
+    kd_temperature: Any = None  # distillation: softmax temperature of the teacher term; default 4
+    finetune: str | None = None  # checkpoint.pt (or its folder) to start from
+    unfreeze: Any = None  # fine-tuning: share of blocks that train, from the top; default 1 (all)
 
     # Clock -----------------------------------------------------------------------------------
     cycle_peak: float | None = None  # fraction of training at the hardest point; default 0.5
@@ -178,6 +207,8 @@ class TrainConfig:
         check_choice("--device", self.device, DEVICES)
         check_choice("--data-mode", self.data_mode, DATA_MODES)
         check_positive_int("--workers", self.workers, minimum=0)
+        if self.out is not None and Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ConfigError(f"--out must be a folder, got {self.out!r}, which is a file")
         if self.tensorboard and not self.out:
             raise ConfigError("--tensorboard needs --out DIR to write its event files, got no --out")
         check_choice("--cycle-shape", self.cycle_shape, SHAPES)
@@ -210,8 +241,38 @@ class TrainConfig:
                 raise ConfigError(f"--cycle-factor must be >= 1, got {self.cycle_factor!r}")
         validate_clock_options(self.peak, self.cycle_shape, self.cycles)
 
+        if self.labeled is not None:
+            check_positive_int("--labeled", self.labeled)
+        check_positive_int("--unlabeled-ratio", self.unlabeled_ratio)
+        check_positive_int("--scoring-epochs", self.scoring_epochs)
+        for key in ("difficulty_scores", "teacher", "finetune"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"{option_name(key)} must be a file path, got {value!r}")
+
         self.knob_specs = self._parse_knobs()
         return self
+
+    def check_techniques(self) -> None:
+        """Raise ConfigError for a technique knob given without the option it belongs to.
+
+        Kept out of ``validate()`` because ``gct schedule`` previews these knobs without data,
+        teacher or checkpoint.
+        """
+        for key, (needs, _default) in TECHNIQUE_KNOBS.items():
+            if needs is not None and getattr(self, key) is not None and getattr(self, needs) is None:
+                raise ConfigError(f"{option_name(key)} needs {option_name(needs)}, got no {option_name(needs)}")
+        if self.difficulty_scores is not None and self.curriculum is None:
+            raise ConfigError("--difficulty-scores needs --curriculum EASY:HARD, got no --curriculum")
+        if self.teacher is not None:
+            if self.loss != "ce":
+                raise ConfigError(f"--teacher needs --loss ce (the distillation loss replaces it), got {self.loss!r}")
+            temperature = self.knob_specs.get("temperature")
+            if temperature is not None and temperature != KnobSpec(1.0, 1.0):
+                raise ConfigError(
+                    "--teacher needs --temperature 1, because --kd-temperature sets the distillation "
+                    f"temperature; got --temperature {self.temperature!r}"
+                )
 
     def _parse_knobs(self) -> dict[str, KnobSpec]:
         specs: dict[str, KnobSpec] = {}
@@ -223,6 +284,10 @@ class TrainConfig:
             # Build the knob once to apply its bounds with the option's name in the message.
             build_knob(key, spec)
             specs[key] = spec
+
+        for key, (needs, default) in TECHNIQUE_KNOBS.items():
+            if key not in specs and needs is not None and getattr(self, needs) is not None:
+                specs[key] = KnobSpec(default, default)
 
         batch = specs["batch_size"]
         for end in (batch.easy, batch.hard):
@@ -272,6 +337,13 @@ KNOB_DEFINITIONS = {
     "clip_norm": (KNOB_BOUNDS["clip_norm"], Knob),
     "batch_size": ({"minimum": 1.0}, EpochKnob),
     "augment": ({"minimum": 0.0, "maximum": 1.0}, Knob),
+    "unlabeled_weight": ({"minimum": 0.0}, Knob),
+    "confidence": ({"minimum": 0.0, "maximum": 1.0}, Knob),
+    # The data pool and the frozen blocks change between epochs only.
+    "curriculum": ({"minimum": 0.0, "exclusive_minimum": True, "maximum": 1.0}, EpochKnob),
+    "kd_weight": ({"minimum": 0.0, "maximum": 1.0}, Knob),
+    "kd_temperature": ({"minimum": 0.0, "exclusive_minimum": True}, Knob),
+    "unfreeze": ({"minimum": 0.0, "maximum": 1.0}, EpochKnob),
 }
 
 

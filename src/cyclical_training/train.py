@@ -32,13 +32,16 @@ from .augment import augment, normalize, random_crop_flip
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from .clock import Clock, difficulty, progress_at
 from .config import TrainConfig, build_knob
+from .curriculum import SCORES_NAME, CurriculumLoader, load_difficulty_scores, save_difficulty_scores, score_out_of_fold
 from .data import BatchLoader, ImageDataset, balanced_subset, load_dataset, steps_per_epoch
 from .distributed import ProcessInfo, all_reduce_sum, initialise, process_info_from_environment
 from .errors import CheckpointError, ConfigError, TrainingError
+from .finetune import apply_unfreeze, load_teacher, pretrained_model
 from .knobs import Knob, KnobSet, WarmupCosine
-from .losses import cross_entropy, cyclical_focal_loss, focal_loss
+from .losses import cross_entropy, cyclical_focal_loss, distillation_loss, focal_loss
 from .models import build_model
 from .optim import build_optimizer, split_decay_groups
+from .semi_supervised import SemiSupervised, split_labeled
 
 METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "summary.json"
@@ -53,6 +56,12 @@ KNOB_LABELS = {
     "clip_norm": "clip",
     "batch_size": "bs",
     "augment": "aug",
+    "unlabeled_weight": "wu",
+    "confidence": "conf",
+    "curriculum": "q",
+    "kd_weight": "kd",
+    "kd_temperature": "kdT",
+    "unfreeze": "unfreeze",
 }
 
 
@@ -118,8 +127,10 @@ class Trainer:
         log: Callable[[str], None] = print,
         dataset: ImageDataset | None = None,
         resume_state: dict | None = None,
+        resume_source: str = "checkpoint",
     ) -> None:
         self.config = config.validate()
+        config.check_techniques()
         self.process = process_info_from_environment()
         # Only rank 0 prints and writes files; every rank computes the same knob values.
         self.log = log if self.process.is_main else (lambda line: None)
@@ -132,13 +143,16 @@ class Trainer:
             )
             self.train_split, self.validation_split = self._split_training_data()
             self.test_split = Split(self.dataset.test_images, self.dataset.test_labels)
+        self._set_up_semi_supervised()
+        self._resuming = resume_state is not None
         self._build_model_and_optimizer()
         self._build_clock_and_knobs()
+        self._set_up_curriculum()
         self.start_epoch = 0
         self.history: list[dict] = []
         self.tensorboard = None
         if resume_state is not None:
-            self._load_state(resume_state)
+            self._load_state(resume_state, resume_source)
 
     # Set-up -----------------------------------------------------------------------------------
 
@@ -173,7 +187,8 @@ class Trainer:
             if config.data_mode == "stream":
                 raise ConfigError(f"--data-mode stream needs an image-folder tree, got --data {config.data}")
             return False
-        return should_stream(config.data, config.image_size or 224, config.data_mode)
+        # With no --image-size, "auto" decides by the number of images alone.
+        return should_stream(config.data, config.image_size or 1, config.data_mode)
 
     def _set_up_streaming(self) -> None:
         from .streaming import build_stream_loader, sample_labels, scan_image_folder
@@ -223,6 +238,12 @@ class Trainer:
                 split.samples, self.dataset.image_size, train=True, batch_size=self.batch_sizes[0],
                 seed=config.seed, workers=config.workers, rank=self.process.rank,
                 world_size=self.process.world_size, drop_last=config.drop_last, indices=split.indices,
+            )
+        if self.difficulty_scores is not None:
+            return CurriculumLoader(
+                split.images, split.labels, self.difficulty_scores, self.curriculum_fractions,
+                self.batch_sizes[0], seed=config.seed, drop_last=config.drop_last, device=self.device,
+                rank=self.process.rank, world_size=self.process.world_size,
             )
         return BatchLoader(
             split.images, split.labels, self.batch_sizes[0], shuffle=True,
@@ -283,8 +304,25 @@ class Trainer:
                 model_name = "resnet50"
         self.model_name = model_name
         torch.manual_seed(config.seed)
-        model = build_model(model_name, dataset.num_classes, dataset.in_channels, dataset.image_size)
+        if config.finetune is not None:
+            model, model_name = pretrained_model(
+                config.finetune, config.model, dataset.num_classes, dataset.in_channels, dataset.image_size
+            )
+            self.model_name = model_name
+            if not self._resuming:
+                self.log(f"fine-tuning from {config.finetune}")
+        else:
+            model = build_model(model_name, dataset.num_classes, dataset.in_channels, dataset.image_size)
         self.model = model.to(self.device, memory_format=self.memory_format)
+        self.teacher = None
+        if config.teacher is not None:
+            teacher = load_teacher(config.teacher, dataset.num_classes, dataset.in_channels, dataset.image_size)
+            self.teacher = teacher.to(self.device, memory_format=self.memory_format)
+        unfreeze = config.knob_specs.get("unfreeze")
+        if self.process.is_distributed and unfreeze is not None and (unfreeze.easy, unfreeze.hard) != (1.0, 1.0):
+            # NOTE: DistributedDataParallel registers the parameters that need gradients once, at
+            # construction, so blocks cannot be frozen and unfrozen under it.
+            raise ConfigError(f"--unfreeze must be 1 under torchrun, got {config.unfreeze!r}")
         training_model = self.model
         if self.process.is_distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -313,15 +351,86 @@ class Trainer:
         self.knobs = KnobSet(self.optimizer, **knobs)
         self.trainable = list(self.model.parameters())
 
-    def _load_state(self, state: dict) -> None:
+    def _set_up_semi_supervised(self) -> None:
+        """Keep the labels of ``--labeled`` training images and move the rest to the unlabeled set."""
+        config = self.config
+        self.semi_supervised = None
+        if config.labeled is None:
+            return
+        if isinstance(self.train_split, StreamSplit):
+            raise ConfigError("--labeled needs in-memory data, got a streamed tree; use --data-mode memory")
+        split = self.train_split
+        labeled, unlabeled = split_labeled(split.labels, config.labeled, config.seed)
+        self.semi_supervised = SemiSupervised(
+            split.images[unlabeled], split.labels[unlabeled], config.unlabeled_ratio, config.seed,
+            self.dataset.mean, self.dataset.std, self.device, self.process.rank, self.process.world_size,
+        )
+        self.train_split = Split(split.images[labeled], split.labels[labeled])
+        self.log(f"semi-supervised: {len(labeled)} labeled and {len(unlabeled)} unlabeled training images")
+
+    def _set_up_curriculum(self) -> None:
+        """Read or compute the difficulty scores, and the curriculum's fraction for every epoch."""
+        config = self.config
+        self.difficulty_scores = None
+        if "curriculum" not in config.knob_specs:
+            return
+        if isinstance(self.train_split, StreamSplit):
+            raise ConfigError("--curriculum needs in-memory data, got a streamed tree; use --data-mode memory")
+        split = self.train_split
+        saved = Path(config.out) / SCORES_NAME if config.out else None
+        if config.difficulty_scores is not None:
+            scores = load_difficulty_scores(config.difficulty_scores, len(split.labels))
+        elif self._resuming and saved is not None and saved.is_file():
+            scores = load_difficulty_scores(saved, len(split.labels))
+        else:
+            self.log(f"curriculum: scoring {len(split.labels)} images with 2 out-of-fold models, "
+                     f"{config.scoring_epochs} epochs each")
+            dataset = self.dataset
+            lr_spec = config.knob_specs["lr"]
+            scores = score_out_of_fold(
+                split.images, split.labels,
+                lambda: build_model(self.model_name, dataset.num_classes, dataset.in_channels, dataset.image_size),
+                dataset.mean, dataset.std, config.scoring_epochs, self.batch_sizes[0],
+                max(lr_spec.easy, lr_spec.hard), config.seed, self.device,
+            )
+            if saved is not None and self.process.is_main:
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                save_difficulty_scores(saved, scores)
+        self.difficulty_scores = scores
+        knob = self.knobs.knobs["curriculum"]
+        self.curriculum_fractions = [
+            knob.value(difficulty(progress_at(epoch, config.epochs), config.peak, config.cycle_shape, config.cycles))
+            for epoch in range(config.epochs)
+        ]
+
+    def _load_state(self, state: dict, source: str = "checkpoint") -> None:
+        expected = {"model_name": ("model", self.model_name), "num_classes": ("classes", self.dataset.num_classes)}
+        for key, (label, value) in expected.items():
+            saved = state.get(key)
+            if saved is not None and saved != value:
+                raise CheckpointError(
+                    f"{source} was written for {label} {saved!r} and cannot resume a run with {value!r}"
+                )
+        saved_classes = state.get("classes")
+        if saved_classes is not None and list(saved_classes) != list(self.dataset.classes):
+            raise CheckpointError(
+                f"{source} was written for classes {list(saved_classes)[:5]}... and the data has "
+                f"{list(self.dataset.classes)[:5]}...; resume with the data it was trained on"
+            )
         try:
             self.model.load_state_dict(state["model"])
         except (RuntimeError, KeyError) as error:
-            first_line = str(error).strip().splitlines()[0]
+            lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+            detail = lines[1] if len(lines) > 1 else lines[0]
             raise CheckpointError(
-                f"checkpoint does not fit model {self.model_name} with {self.dataset.num_classes} classes: {first_line}"
+                f"{source} does not fit model {self.model_name} with {self.dataset.num_classes} classes: {detail}"
             ) from None
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(
+                f"{source} holds optimizer state that does not fit --optimizer {self.config.optimizer}: {error}"
+            ) from None
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.clock.load_state_dict(state["clock"])
@@ -348,6 +457,33 @@ class Trainer:
             config.label_smoothing,
         )
 
+    def supervised_loss(self, x: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, values: dict) -> torch.Tensor:
+        """Return the loss on labeled images: the distillation loss with ``--teacher``, else ``training_loss``."""
+        if self.teacher is None:
+            return self.training_loss(logits, labels, values)
+        with torch.no_grad():
+            teacher_logits = self.teacher(x).float()
+        return distillation_loss(
+            logits, teacher_logits, labels, values["kd_weight"], values["kd_temperature"], self.config.label_smoothing
+        )
+
+    def step_loss(
+        self, x: torch.Tensor, labels: torch.Tensor, values: dict, epoch: int, step: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward one training batch and return the labeled logits and the loss of every technique that is on."""
+        ssl = self.semi_supervised
+        if ssl is None:
+            logits = self.forward(x)
+            return logits, self.supervised_loss(x, logits.float(), labels, values)
+
+        indices = ssl.batch_indices(epoch, step, self.batch_sizes[epoch])
+        weak, strong = ssl.views(indices, generator)
+        batch = torch.cat([x, weak, strong]).contiguous(memory_format=self.memory_format)
+        logits, weak_logits, strong_logits = self.forward(batch).split([len(x), len(weak), len(strong)])
+        loss = self.supervised_loss(x, logits.float(), labels, values)
+        unlabeled_loss = ssl.loss(weak_logits, strong_logits, values["confidence"], indices)
+        return logits, loss + values["unlabeled_weight"] * unlabeled_loss
+
     def prepare_batch(self, images: torch.Tensor, values: dict, generator: torch.Generator) -> torch.Tensor:
         x = normalize(images, self.dataset.mean, self.dataset.std)
         setting = self.config.augment
@@ -360,6 +496,11 @@ class Trainer:
     def train_epoch(self, epoch: int, loader) -> dict:
         config, clock, model, optimizer = self.config, self.clock, self.model, self.optimizer
         model.train()
+        trainable_blocks = None
+        if "unfreeze" in self.knobs.knobs:
+            trainable_blocks = apply_unfreeze(model, self.knobs.knobs["unfreeze"].at(clock))
+        if self.semi_supervised is not None:
+            self.semi_supervised.reset_statistics()
         # Each rank augments its own share of the batch, so each gets its own random stream.
         generator = torch.Generator().manual_seed(
             derived_seed(config.seed, epoch, stream=1) * 1024 + self.process.rank
@@ -385,8 +526,7 @@ class Trainer:
 
             # Forward and loss; the temperature only ever divides training logits.
             with self.autocast():
-                logits = self.forward(x)
-                loss = self.training_loss(logits.float(), labels, values)
+                logits, loss = self.step_loss(x, labels, values, epoch, step, generator)
 
             # Backward, then clip the true (unscaled) gradients.
             optimizer.zero_grad(set_to_none=True)
@@ -399,17 +539,21 @@ class Trainer:
             if clip is not None:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
                 norm_sum += grad_norm.detach()
+            elif self.scaler is None:
+                # The norm is needed for the guard below: an infinite gradient can come with a finite loss.
+                gradients = [p.grad for p in self.trainable if p.grad is not None]
+                grad_norm = torch.nn.utils.get_total_norm(gradients)
 
             # Guard: never let a non-finite loss or gradient reach the weights.
             # NOTE: this reads one value from the device per step; on a GPU that is a
             # synchronisation point (the fp16 gradient scaler makes the same one).
             if self.scaler is None:
-                check = loss.detach() if clip is None else loss.detach() + grad_norm.detach()
+                check = loss.detach() + grad_norm.detach()
                 nonfinite = (~torch.isfinite(check)).to(torch.float32)
                 # Every rank must stop together, or the others would wait forever in the next step.
                 all_reduce_sum(nonfinite)
                 if nonfinite.item() > 0:
-                    raise TrainingError(self._nonfinite_message(epoch, step, values, loss))
+                    raise TrainingError(self._nonfinite_message(epoch, step, values, loss, grad_norm))
 
             # Optimizer step.
             if self.scaler is not None:
@@ -442,12 +586,21 @@ class Trainer:
         }
         if "clip_norm" in record["knobs"]:
             record["grad_norm_mean"] = norm_sum.item() / (max(len(loader), 1) * self.process.world_size)
+        if self.semi_supervised is not None:
+            ssl = self.semi_supervised
+            all_reduce_sum(ssl.loss_sum, ssl.confident, ssl.correct, ssl.seen)
+            record.update(ssl.epoch_record())
+        if trainable_blocks is not None:
+            record["trainable_blocks"] = trainable_blocks
         return record
 
-    def _nonfinite_message(self, epoch: int, step: int, values: dict, loss: torch.Tensor) -> str:
+    def _nonfinite_message(
+        self, epoch: int, step: int, values: dict, loss: torch.Tensor, grad_norm: torch.Tensor
+    ) -> str:
         knob_text = ", ".join(f"{name} {value:.4g}" for name, value in values.items())
         return (
-            f"training stopped: the loss or gradient norm is not finite (loss {loss.item()}) at epoch "
+            f"training stopped: the loss or gradient norm is not finite (loss {loss.item():.6g}, "
+            f"gradient norm {grad_norm.item():.6g}) at epoch "
             f"{epoch + 1}, step {step + 1}, with {knob_text}; the last finished epoch's checkpoint is kept. "
             "Lower --lr, add --clip-norm, or raise --temperature"
         )
@@ -632,7 +785,10 @@ def plan_run(
         lr = BatchScaledLR(lr, factors)
 
     knobs = {"lr": lr}
-    for key in ("momentum", "weight_decay", "temperature", "clip_norm", "augment", "batch_size"):
+    for key in (
+        "momentum", "weight_decay", "temperature", "clip_norm", "augment", "batch_size",
+        "unlabeled_weight", "confidence", "curriculum", "kd_weight", "kd_temperature", "unfreeze",
+    ):
         if key in specs:
             knobs[key] = batch_knob if key == "batch_size" else build_knob(key, specs[key])
     return RunPlan(batch_sizes, clock, knobs)
@@ -675,6 +831,12 @@ def format_epoch_line(record: dict, epochs: int) -> str:
     if "validation_accuracy" in record:
         parts.append(f"val acc {100 * record['validation_accuracy']:5.2f}%")
     parts.append(f"test loss {record['test_loss']:.4f} acc {100 * record['test_accuracy']:5.2f}%")
+    if "pseudo_label_share" in record:
+        accuracy = record["pseudo_label_accuracy"]
+        accuracy_text = "-" if accuracy is None else f"{100 * accuracy:5.2f}%"
+        parts.append(f"pseudo-labels {100 * record['pseudo_label_share']:5.2f}% acc {accuracy_text}")
+    if "trainable_blocks" in record:
+        parts.append(f"trainable blocks {record['trainable_blocks']}")
     knob_text = " ".join(f"{KNOB_LABELS.get(name, name)} {value:.4g}" for name, value in record["knobs"].items())
     parts.append(knob_text)
     parts.append(f"{record['seconds']:.1f}s")
@@ -715,4 +877,4 @@ def resume_trainer(run_dir: str | Path, log: Callable[[str], None] = print, over
     values.update(overrides or {})
     values["out"] = str(run_dir)
     config = TrainConfig.from_dict(values)
-    return Trainer(config, log=log, resume_state=state)
+    return Trainer(config, log=log, resume_state=state, resume_source=f"checkpoint {run_dir / CHECKPOINT_NAME}")
