@@ -520,6 +520,8 @@ class Trainer:
             values = self.knobs.apply(clock)
             if epoch_values is None:
                 epoch_values = dict(values)
+                # Report the batch size the loader really uses: the knob's value rounded to an integer.
+                epoch_values["batch_size"] = self.batch_sizes[epoch]
 
             # Batch: normalise and augment on the batch's device.
             x = self.prepare_batch(images, values, generator)
