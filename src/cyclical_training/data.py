@@ -480,7 +480,7 @@ def _list_tree(path: Path) -> _Listing:
         if not split_dir.is_dir():
             raise DataError(f"no {split}/ folder in {root} (expected {split}/<class>/<image>)")
         listing[split] = _list_tree_split(split_dir)
-    _check_listing(listing, str(root))
+    check_class_folders(listing, str(root))
     return listing
 
 
@@ -521,7 +521,8 @@ def _list_tree_files(class_dir: Path) -> list[_ImageFile]:
     return sorted(files, key=lambda image_file: image_file.relative)
 
 
-def _check_listing(listing: _Listing, source: str) -> None:
+def check_class_folders(listing: dict, source: str) -> None:
+    """Raise DataError unless train/ and test/ hold the same, non-empty set of class folders."""
     for split in SPLITS:
         other = SPLITS[1 - SPLITS.index(split)]
         missing = sorted(set(listing[split]) - set(listing[other]))
@@ -634,7 +635,7 @@ def _check_archive_listing(listing: _Listing, source: str) -> None:
         for name, files in listing[split].items():
             if not files:
                 raise DataError(f"class folder {split}/{name} in {source} contains no images")
-    _check_listing(listing, source)
+    check_class_folders(listing, source)
 
 
 def _archive_root(paths: list[tuple[str, ...]]) -> tuple[str, ...]:

@@ -33,7 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from .config import DATA_MODES
-from .data import EPOCH_SEED_STRIDE, SPLITS
+from .data import EPOCH_SEED_STRIDE, SPLITS, check_class_folders
 from .errors import ConfigError, DataError, check_choice, check_positive_int
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def scan_image_folder(root: str | os.PathLike) -> FolderIndex:
         if not os.path.isdir(split_dir):
             raise DataError(f"no {split}/ folder in {tree} (expected {split}/<class>/<image>)")
         split_classes[split] = _scan_split(split_dir)
-    _check_same_classes(split_classes, tree)
+    check_class_folders(split_classes, tree)
 
     classes = sorted(split_classes["train"])
     samples = {
@@ -195,21 +195,6 @@ def _scan_class(class_dir: str) -> list[str]:
                     found.append((parts + (entry.name,), entry.path))
     found.sort()
     return [path for _, path in found]
-
-
-def _check_same_classes(split_classes: dict[str, dict[str, list[str]]], tree: str) -> None:
-    for split in SPLITS:
-        other = SPLITS[1 - SPLITS.index(split)]
-        missing = sorted(set(split_classes[split]) - set(split_classes[other]))
-        if missing:
-            listed = ", ".join(missing[:5])
-            if len(missing) > 5:
-                listed += f" and {len(missing) - 5} more"
-            raise DataError(
-                f"class folders in {tree}/{split} are missing from {tree}/{other}: {listed}"
-            )
-    if not split_classes["train"]:
-        raise DataError(f"no class folders in {tree}/train (expected train/<class>/<image>)")
 
 
 def count_images(root: str | os.PathLike, limit: int | None = None) -> int:
