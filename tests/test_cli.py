@@ -227,3 +227,27 @@ def test_tensorboard_writes_event_files(capsys, tmp_path):
     steps = [event.step for event in events.Scalars("knobs/weight_decay")]
     assert steps == list(range(len(steps)))
     assert len(steps) == 12
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("x.txt", "--plot must name a .png file, got 'x.txt'"),
+        ("missing-folder/x.png", "--plot must be in an existing folder, got 'missing-folder/x.png'"),
+    ],
+)
+def test_schedule_plot_rejects_bad_target(capsys, tmp_path, monkeypatch, target, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, "schedule", "--epochs", "3", "--plot", target)
+    assert code == 2
+    assert err == f"gct schedule: error: {message}\n"
+    assert not (tmp_path / "missing-folder").exists()
+
+
+def test_schedule_csv_into_closed_pipe():
+    result = subprocess.run(
+        f"{sys.executable} -m cyclical_training schedule --epochs 3000 --csv | head -1",
+        shell=True, capture_output=True, text=True, timeout=120,
+    )
+    assert result.stdout.startswith("epoch,difficulty")
+    assert result.stderr == ""

@@ -13,6 +13,7 @@ import contextlib
 import csv
 import dataclasses
 import math
+import os
 import re
 import signal
 import sys
@@ -385,6 +386,12 @@ def run_schedule(arguments: argparse.Namespace) -> int:
     steps = parse_count("--steps-per-epoch", arguments.steps_per_epoch)
     images = None if arguments.train_images is None else parse_count("--train-images", arguments.train_images)
 
+    if arguments.plot:
+        target = Path(arguments.plot)
+        if target.suffix.lower() != ".png":
+            raise ConfigError(f"--plot must name a .png file, got {arguments.plot!r}")
+        if not target.parent.is_dir():
+            raise ConfigError(f"--plot must be in an existing folder, got {arguments.plot!r}")
     rows, names = schedule_rows(config, steps, images)
     if arguments.plot:
         from .plots import plot_schedule
@@ -493,6 +500,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         sys.stderr.write(f"{prefix}: interrupted\n")
         return 128 + signal.SIGINT
+    except BrokenPipeError:
+        # The reader of the output went away (as `gct schedule --csv | head` does): not an error.
+        # Point stdout at /dev/null so that Python's flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except OSError as error:
         # A file that cannot be created, read or written, such as --out naming a file.
         if arguments.debug:

@@ -23,7 +23,6 @@ def plot_schedule(rows: list[dict], names: list[str], path: str | Path, x_key: s
     axes[-1, 0].set_xlabel(x_key)
     figure.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path

@@ -720,7 +720,8 @@ class Trainer:
             "best_epoch": self.history[best]["epoch"] if tests else None,
             "final_validation_accuracy": self.history[-1].get("validation_accuracy") if tests else None,
             "epochs": self.config.epochs,
-            "seconds": seconds,
+            # Summed over epochs, so a resumed run counts the time of every invocation.
+            "seconds": sum(epoch_seconds),
             "seconds_per_epoch": sum(epoch_seconds) / len(epoch_seconds) if epoch_seconds else None,
             "seed": self.config.seed,
             "model": self.model_name,
