@@ -11,8 +11,10 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -45,6 +47,11 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for data, weights and augmentation (default 0)")
     return parser
+
+
+def command_line() -> str:
+    """Return the command that started this script, with its arguments, as a shell would show it."""
+    return shlex.join(["python", *sys.argv])
 
 
 def result_path(out_dir: str | os.PathLike, name: str, quick: bool) -> Path:

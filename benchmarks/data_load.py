@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import CIFAR_ARCHIVE, base_parser, machine_info, print_table, result_path, write_result
+from common import (
+    CIFAR_ARCHIVE, base_parser, command_line, machine_info, print_table, result_path, write_result,
+)
 from cyclical_training.data import dataset_cache_path, load_dataset
 
 QUICK_CLASSES, QUICK_TRAIN_PER_CLASS, QUICK_TEST_PER_CLASS = 4, 40, 10
@@ -90,7 +92,7 @@ def main() -> None:
         "benchmark": "data_load",
         "quick": args.quick,
         "machine": machine,
-        "command": "python benchmarks/data_load.py" + (" --quick" if args.quick else ""),
+        "command": command_line(),
         "data": "generated archive of random JPEGs" if args.quick else args.data,
         "archive_bytes": Path(data).stat().st_size if not args.quick else None,
         "images": images,

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from common import (
-    StepTimer, TimedBatches, autocast_for, base_parser, decay_groups, machine_info, pick_device,
-    plain_batches, precision_for, print_table, random_dataset, result_path, rotated, summarize,
-    time_per_call, write_result,
+    StepTimer, TimedBatches, autocast_for, base_parser, command_line, decay_groups, machine_info,
+    pick_device, plain_batches, precision_for, print_table, random_dataset, result_path, rotated,
+    summarize, time_per_call, write_result,
 )
 from cyclical_training.augment import augment, normalize, random_crop_flip
 from cyclical_training.clock import Clock
@@ -77,7 +77,8 @@ def parse_args():
     args = parser.parse_args()
     if args.quick:
         args.batch_size, args.steps, args.warmup, args.repeats = 16, 4, 1, 1
-        # Two OpenMP threads on a busy 2-core machine were up to 5x slower than one.
+        # With OpenMP's default active waiting, 2 threads on a busy 2-core machine were up to
+        # 5x slower than 1 in a short probe.
         args.threads = args.threads or 1
     return args
 
@@ -305,7 +306,7 @@ def build_result(args, setup: Setup, machine: dict, step_times, repeat_medians, 
         "benchmark": "knob_overhead",
         "quick": args.quick,
         "machine": machine,
-        "command": "python benchmarks/knob_overhead.py" + (" --quick" if args.quick else ""),
+        "command": command_line(),
         "model": args.model,
         "batch_size": args.batch_size,
         "timed_steps_per_repeat": args.steps,

@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from common import (
-    StepTimer, TimedBatches, autocast_for, base_parser, decay_groups, machine_info, pick_device,
-    plain_batches, precision_for, print_table, random_dataset, result_path, rotated, summarize,
-    synchronize, time_per_call, write_result,
+    StepTimer, TimedBatches, autocast_for, base_parser, command_line, decay_groups, machine_info,
+    pick_device, plain_batches, precision_for, print_table, random_dataset, result_path, rotated,
+    summarize, synchronize, time_per_call, write_result,
 )
 from cyclical_training.augment import normalize, random_crop_flip
 from cyclical_training.config import TrainConfig
@@ -73,7 +73,8 @@ def parse_args():
         args.batch_size, args.resnet_batch_size = 8, 2
         args.steps, args.resnet_steps, args.warmup, args.repeats = 2, 1, 1, 1
         args.worker_counts, args.no_compile, args.matmul_size = [0], True, 256
-        # Two OpenMP threads on a busy 2-core machine were up to 5x slower than one.
+        # With OpenMP's default active waiting, 2 threads on a busy 2-core machine were up to
+        # 5x slower than 1 in a short probe.
         args.threads = args.threads or 1
     return args
 
@@ -413,7 +414,7 @@ def main() -> None:
         "benchmark": "throughput",
         "quick": args.quick,
         "machine": machine,
-        "command": "python benchmarks/throughput.py" + (" --quick" if args.quick else ""),
+        "command": command_line(),
         "threads": threads,
         "models": models,
         "matmul": matmul,

@@ -19,8 +19,8 @@ from __future__ import annotations
 import time
 
 from common import (
-    CIFAR_ARCHIVE, base_parser, machine_info, pick_device, precision_for, print_table, result_path,
-    write_result,
+    CIFAR_ARCHIVE, base_parser, command_line, machine_info, pick_device, precision_for, print_table,
+    result_path, write_result,
 )
 from cyclical_training.config import TrainConfig
 from cyclical_training.train import Trainer
@@ -39,7 +39,8 @@ DEFAULT_SETTINGS = {
     "augment": "auto",
 }
 
-# One thread, because two OpenMP threads on a busy 2-core machine were up to 5x slower.
+# One thread: with OpenMP's default active waiting, 2 threads on a busy 2-core machine were
+# up to 5x slower than 1 in a short probe.
 QUICK_SETTINGS = {
     "model": "digits-net",
     "epochs": 2,
@@ -153,7 +154,7 @@ def build_result(args, config: TrainConfig, trainer: Trainer, log: EpochLog, tar
         "benchmark": "time_to_accuracy",
         "quick": args.quick,
         "machine": machine,
-        "command": "python benchmarks/time_to_accuracy.py" + (" --quick" if args.quick else ""),
+        "command": command_line(),
         "settings": {key: value for key, value in config.to_dict().items()},
         "train_images": len(trainer.train_split.labels),
         "test_images": len(trainer.test_split.labels),
