@@ -122,6 +122,7 @@ class Clock:
         self.total_steps = sum(counts)
         self.epoch = 0
         self.global_step = 0
+        self._cached_difficulty: tuple[float | None, float] = (None, 0.0)
 
     # Position ------------------------------------------------------------------------------
 
@@ -154,7 +155,11 @@ class Clock:
 
     @property
     def difficulty(self) -> float:
-        return difficulty(self.progress, self.peak, self.shape, self.cycles)
+        # Every knob reads this once per step, so the value is kept until the clock moves.
+        progress = self.progress
+        if self._cached_difficulty[0] != progress:
+            self._cached_difficulty = (progress, difficulty(progress, self.peak, self.shape, self.cycles))
+        return self._cached_difficulty[1]
 
     @property
     def epoch_difficulty(self) -> float:

@@ -224,7 +224,7 @@ def _write_group_field(group: dict, field: str, value: float) -> None:
         group[field] = value
 
 
-# Bounds for each setting the command line knows, shared by the CLI and the trainer.
+# Bounds of each setting that has a command-line option, shared by the CLI and the trainer.
 KNOB_BOUNDS: Mapping[str, dict] = {
     "lr": {"minimum": 0.0, "exclusive_minimum": True},
     "momentum": {"minimum": 0.0, "maximum": 1.0},

@@ -87,7 +87,7 @@ class StreamSplit:
 
 @dataclass
 class StreamedData:
-    """What the trainer needs to know of a streamed tree: the in-memory ImageDataset's fields."""
+    """Class names, image size and channel statistics of a streamed tree, as ImageDataset has them."""
 
     name: str
     classes: list
@@ -547,8 +547,8 @@ class Trainer:
                 grad_norm = torch.nn.utils.get_total_norm(gradients)
 
             # Guard: never let a non-finite loss or gradient reach the weights.
-            # NOTE: this reads one value from the device per step; on a GPU that is a
-            # synchronisation point (the fp16 gradient scaler makes the same one).
+            # NOTE: this reads one value from the device per step. On a GPU that is a
+            # synchronisation point, like the one the fp16 gradient scaler makes.
             if self.scaler is None:
                 check = loss.detach() + grad_norm.detach()
                 nonfinite = (~torch.isfinite(check)).to(torch.float32)
@@ -738,7 +738,7 @@ class Trainer:
 
 @dataclass
 class RunPlan:
-    """What the clock and knobs of a run look like before it starts."""
+    """Batch size per epoch, clock and knobs of a run, built before it starts."""
 
     batch_sizes: list[int]
     clock: Clock
