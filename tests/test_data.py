@@ -32,7 +32,8 @@ from cyclical_training.data import (
 )
 from cyclical_training.errors import ConfigError, DataError
 
-REAL_ARCHIVE = Path("/work/shared/data/cifar10-jpeg.tar.gz")
+# The shared data folder sits beside the repository checkout, as in CI.
+REAL_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 # Class name -> (train images, test images) of the generated trees, listed out of sorted order.
 TREE_CLASSES = {"cat": (3, 2), "ant": (2, 1), "bird": (2, 2)}

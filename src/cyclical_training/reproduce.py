@@ -44,7 +44,8 @@ REPORT_NAME = "results.md"
 PLOTS_DIR = "plots"
 
 # The project's shared copy of CIFAR-10 re-encoded as JPEG (see load_dataset for the layout).
-DEFAULT_CIFAR_ARCHIVE = "/work/shared/data/cifar10-jpeg.tar.gz"
+# Relative to the current directory: the layout of a checkout with the shared data folder beside it.
+DEFAULT_CIFAR_ARCHIVE = "../shared/data/cifar10-jpeg.tar.gz"
 
 SWEEP_SEED = 0
 SWEEP_PHASE = "sweep"
