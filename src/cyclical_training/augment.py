@@ -8,6 +8,8 @@ device, so a seeded CPU generator gives the same augmentation on any device.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Sequence
 
 import torch
@@ -167,7 +169,11 @@ def _jitter(
     brightness = brightness.to(images.dtype).view(count, 1, 1, 1)
     contrast = contrast.to(images.dtype).view(count, 1, 1, 1)
 
-    std, mean = torch.std_mean(images, dim=(1, 2, 3), correction=0, keepdim=True)
+    # Two passes (mean, then mean of squared deviations) instead of torch.std_mean: on
+    # 512 x 3 x 32 x 32 float32 on the CPU build, std_mean over dims (1, 2, 3) took 4.4 ms and
+    # this form 0.7 ms (torch 2.13.0, 2 threads).
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    std = (images - mean).square_().mean(dim=(1, 2, 3), keepdim=True).sqrt_()
     # (x - mean) * c + mean + b * std, written as x * c + shift to take one pass over the pixels.
     shift = mean * (1 - contrast) + brightness * std
     return torch.addcmul(shift, images, contrast)
@@ -282,27 +288,40 @@ def normalize(
             f"images_uint8 must have channels at dim -3, got shape {tuple(images_uint8.shape)}"
         )
     channels = images_uint8.shape[-3]
-    device = images_uint8.device
-    mean_values = _channel_values("mean", mean, channels, device)
-    std_values = _channel_values("std", std, channels, device)
-    if not bool(torch.all(torch.isfinite(std_values) & (std_values > 0))):
+    mean_values = _channel_values("mean", mean, channels)
+    std_values = _channel_values("std", std, channels)
+    if not all(math.isfinite(value) and value > 0 for value in std_values):
         raise ConfigError(f"std must be > 0 and finite, got {std!r}")
-
-    scale = 1.0 / (255.0 * std_values)
-    shift = -mean_values / std_values
+    scale, shift = _normalize_affine(mean_values, std_values, images_uint8.device)
     # Converting first and then scaling in place was faster than one torch.addcmul on the uint8
     # tensor. On 512 x 3 x 32 x 32 it took 0.15 and 0.42 ms in two runs, against 0.43 and
     # 0.71 ms (torch 2.13.0 CPU build, 2 threads on a shared 2-core AMD EPYC VM).
     return images_uint8.to(torch.float32).mul_(scale).add_(shift)
 
 
-def _channel_values(
-    name: str, values: float | Sequence[float] | Tensor, channels: int, device: torch.device
-) -> Tensor:
-    """Return ``values`` as float32 of shape (C, 1, 1), or (1, 1, 1) for a single value."""
-    tensor = torch.as_tensor(values, dtype=torch.float32, device=device).flatten()
-    if tensor.numel() not in (1, channels):
-        raise ConfigError(
-            f"{name} must have 1 or {channels} values (one per channel), got {tensor.numel()}"
-        )
-    return tensor.view(-1, 1, 1)
+def _channel_values(name: str, values: float | Sequence[float] | Tensor, channels: int) -> tuple[float, ...]:
+    """Return ``values`` as a tuple of 1 or ``channels`` Python floats.
+
+    The values are read on the host so that checking them never waits for a device; a tensor
+    on a GPU is copied once here.
+    """
+    flat = torch.as_tensor(values, dtype=torch.float64).flatten().tolist() if not isinstance(values, Tensor) \
+        else values.detach().to("cpu", torch.float64).flatten().tolist()
+    if len(flat) not in (1, channels):
+        raise ConfigError(f"{name} must have 1 or {channels} values (one per channel), got {len(flat)}")
+    return tuple(flat)
+
+
+@functools.lru_cache(maxsize=32)
+def _normalize_affine(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Return the (C, 1, 1) float32 scale and shift of ``normalize`` on ``device``, built once.
+
+    Cached so that the training step does not copy two small tensors to the device per batch.
+    """
+    std_tensor = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    mean_tensor = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    scale = (1.0 / (255.0 * std_tensor)).to(device)
+    shift = (-mean_tensor / std_tensor).to(device)
+    return scale, shift
