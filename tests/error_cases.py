@@ -409,7 +409,7 @@ CASES = (
         "a temperature of 0",
         ("train", "--temperature", "0"),
         BAD_OPTION,
-        TRAIN + "--temperature must be > 0, got 0.0",
+        TRAIN + "--temperature must be > 0, got 0",
     ),
     ErrorCase(
         "temperature-negative", "Options",
@@ -423,21 +423,21 @@ CASES = (
         "a clip norm of 0",
         ("train", "--clip-norm", "0"),
         BAD_OPTION,
-        TRAIN + "--clip-norm must be > 0, got 0.0",
+        TRAIN + "--clip-norm must be > 0, got 0",
     ),
     ErrorCase(
         "clip-norm-negative", "Options",
         "a negative clip norm",
         ("train", "--clip-norm=-1"),
         BAD_OPTION,
-        TRAIN + "--clip-norm must be > 0, got -1.0",
+        TRAIN + "--clip-norm must be > 0, got -1",
     ),
     ErrorCase(
         "lr-zero", "Options",
         "a learning rate of 0",
         ("train", "--lr", "0"),
         BAD_OPTION,
-        TRAIN + "--lr must be > 0, got 0.0",
+        TRAIN + "--lr must be > 0, got 0",
     ),
     ErrorCase(
         "momentum-above-one", "Options",
@@ -451,7 +451,7 @@ CASES = (
         "a cycle peak of 0",
         ("train", "--cycle-peak", "0"),
         BAD_OPTION,
-        TRAIN + "--cycle-peak must be in (0, 1], got 0.0",
+        TRAIN + "--cycle-peak must be in (0, 1], got 0",
     ),
     ErrorCase(
         "peak-above-one", "Options",
@@ -493,7 +493,7 @@ CASES = (
         "a batch size of 0",
         ("train", "--batch-size", "0"),
         BAD_OPTION,
-        TRAIN + "--batch-size must be >= 1, got 0.0",
+        TRAIN + "--batch-size must be >= 1, got 0",
     ),
     ErrorCase(
         "batch-size-over-training-set", "Options",
@@ -586,7 +586,7 @@ CASES = (
         "a curriculum whose easy end keeps no data",
         ("train", "--curriculum", "0:1"),
         BAD_OPTION,
-        TRAIN + "--curriculum must be > 0, got 0.0",
+        TRAIN + "--curriculum must be > 0, got 0",
     ),
     ErrorCase(
         "confidence-above-one", "Options",

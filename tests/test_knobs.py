@@ -211,12 +211,12 @@ def test_describe():
         (lambda: Knob("0.1", 0.2, name="lr"), "lr", "'0.1'"),
         (lambda: make_knob("weight_decay", -1, 1), "weight_decay", "-1"),
         (lambda: make_knob("temperature", 0, 1), "temperature", "got 0"),
-        (lambda: make_knob("clip_norm", 0.0, 1.0), "clip_norm", "0.0"),
-        (lambda: make_knob("clip_norm", 1.0, -2.0), "clip_norm", "-2.0"),
-        (lambda: make_knob("lr", 0.1, 0.0), "lr", "0.0"),
+        (lambda: make_knob("clip_norm", 0.0, 1.0), "clip_norm", "must be > 0, got 0"),
+        (lambda: make_knob("clip_norm", 1.0, -2.0), "clip_norm", "must be > 0, got -2"),
+        (lambda: make_knob("lr", 0.1, 0.0), "lr", "must be > 0, got 0"),
         (lambda: make_knob("momentum", 0.9, 1.5), "momentum", "1.5"),
-        (lambda: make_knob("weight_decay", 0.0, 1e-3, "log"), "weight_decay", "0.0:0.001"),
-        (lambda: Knob(-1.0, 1.0, interpolation="log", name="scale"), "scale", "-1.0"),
+        (lambda: make_knob("weight_decay", 0.0, 1e-3, "log"), "weight_decay", "got 0:0.001"),
+        (lambda: Knob(-1.0, 1.0, interpolation="log", name="scale"), "scale", "got -1:1"),
         (lambda: make_knob("lr", 0.1, 0.01, "cubic"), "lr", "'cubic'"),
     ],
 )
@@ -320,7 +320,7 @@ def test_warmup_ignores_clock_unit():
 @pytest.mark.parametrize(
     ("options", "name", "value"),
     [
-        ({"peak_value": 0.0}, "lr", "0.0"),
+        ({"peak_value": 0.0}, "lr", "must be > 0, got 0"),
         ({"peak_value": -0.1}, "lr", "-0.1"),
         ({"peak_value": math.nan}, "lr", "nan"),
         ({"peak_value": math.inf}, "lr", "inf"),

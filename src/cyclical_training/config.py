@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .clock import SHAPES, UNITS, peak_from_factor, validate_clock_options
-from .errors import ConfigError, check_choice, check_positive_int
+from .errors import ConfigError, check_choice, check_positive_int, shown_number
 from .knobs import KNOB_BOUNDS, EpochKnob, Knob
 from .losses import LOSS_NAMES
 from .models import MODEL_NAMES
@@ -234,7 +234,7 @@ class TrainConfig:
         if self.cycle_peak is not None:
             _check_number("--cycle-peak", self.cycle_peak)
             if not 0.0 < self.cycle_peak <= 1.0:
-                raise ConfigError(f"--cycle-peak must be in (0, 1], got {self.cycle_peak!r}")
+                raise ConfigError(f"--cycle-peak must be in (0, 1], got {shown_number(self.cycle_peak)}")
         if self.cycle_factor is not None:
             _check_number("--cycle-factor", self.cycle_factor)
             if self.cycle_factor < 1.0:

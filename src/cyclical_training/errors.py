@@ -27,6 +27,16 @@ class TrainingError(RuntimeError):
     """Failure during training, such as a loss that is no longer finite."""
 
 
+def shown_number(value: object) -> str:
+    """Show a number as a user typed it: a whole float as an integer, anything else by repr.
+
+    Knob ends parse ``0`` from the command line as ``0.0``; the message should echo ``0``.
+    """
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return repr(value)
+
+
 def check_finite(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{name} must be a number, got {value!r}")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from .clock import Clock
-from .errors import ConfigError, check_choice, check_finite, check_positive_int
+from .errors import ConfigError, check_choice, check_finite, check_positive_int, shown_number
 
 INTERPOLATIONS = ("linear", "log")
 
@@ -60,13 +60,13 @@ class Knob:
                 too_small = end <= self.minimum if self.exclusive_minimum else end < self.minimum
                 if too_small:
                     relation = ">" if self.exclusive_minimum else ">="
-                    raise ConfigError(f"{self.name} must be {relation} {self.minimum:g}, got {end!r}")
+                    raise ConfigError(f"{self.name} must be {relation} {self.minimum:g}, got {shown_number(end)}")
             if self.maximum is not None and end > self.maximum:
-                raise ConfigError(f"{self.name} must be <= {self.maximum:g}, got {end!r}")
+                raise ConfigError(f"{self.name} must be <= {self.maximum:g}, got {shown_number(end)}")
         if self.interpolation == "log" and (self.easy <= 0 or self.hard <= 0):
             raise ConfigError(
                 f"{self.name} with log interpolation must have both ends > 0, "
-                f"got {self.easy!r}:{self.hard!r}"
+                f"got {shown_number(self.easy)}:{shown_number(self.hard)}"
             )
 
     @property
