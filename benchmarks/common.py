@@ -26,7 +26,8 @@ from cyclical_training import __version__
 from cyclical_training.data import ImageDataset
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-CIFAR_ARCHIVE = "/work/shared/data/cifar10-jpeg.tar.gz"
+# The shared data folder sits beside the repository checkout.
+CIFAR_ARCHIVE = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")
 
 
