@@ -30,8 +30,15 @@ def make_trainer(digits, **options) -> Trainer:
     return Trainer(TrainConfig(**values), log=quiet, dataset=digits)
 
 
-def easiest(scores: torch.Tensor, fraction: float) -> set[int]:
-    return set(torch.argsort(scores, stable=True)[: pool_size(fraction, len(scores))].tolist())
+def easiest(scores: torch.Tensor, fraction: float, labels: torch.Tensor | None = None) -> set[int]:
+    """The easiest ``fraction`` of each class, computed class by class with a plain sort."""
+    labels = torch.zeros(len(scores), dtype=torch.long) if labels is None else labels
+    chosen = set()
+    for label in torch.unique(labels):
+        members = torch.nonzero(labels == label).squeeze(1)
+        ranked = members[torch.argsort(scores[members], stable=True)]
+        chosen |= set(ranked[: pool_size(fraction, len(members))].tolist())
+    return chosen
 
 
 def test_draws_at_easy_end_from_easiest_fraction():
@@ -56,12 +63,24 @@ def test_draws_at_easy_end_from_easiest_fraction():
 def test_batches_come_from_pool():
     count = 100
     scores = torch.arange(count, dtype=torch.float64)
+    # Each image holds its own index, so a batch shows which images it drew.
     images = torch.arange(count, dtype=torch.uint8).view(count, 1, 1, 1)
-    labels = torch.arange(count)
+    labels = torch.zeros(count, dtype=torch.long)
     loader = CurriculumLoader(images, labels, scores, [0.25], batch_size=30, seed=2)
-    seen = torch.cat([batch_labels for _, batch_labels in loader])
+    seen = torch.cat([batch_images.flatten() for batch_images, _ in loader])
     assert len(seen) == count
     assert int(seen.max()) < 25
+
+
+def test_pool_is_ranked_within_each_class():
+    # Class 0 holds the 60 easiest images overall; a global 30% pool would hold class 0 only.
+    scores = torch.arange(100, dtype=torch.float64)
+    labels = torch.cat([torch.zeros(60, dtype=torch.long), torch.ones(40, dtype=torch.long)])
+    loader = CurriculumLoader(torch.zeros(100, 1, 1, 1, dtype=torch.uint8), labels, scores, [0.3, 1.0],
+                              batch_size=10, seed=0)
+    # The easiest 30% of each class: 18 of class 0 (indices 0-17) and 12 of class 1 (60-71).
+    assert set(loader.indices.tolist()) == set(range(18)) | set(range(60, 72))
+    assert easiest(scores, 0.3, labels) == set(range(18)) | set(range(60, 72))
 
 
 def test_equal_scores_keep_lower_indices():
@@ -85,7 +104,7 @@ def test_trainer_uses_score_file(digits, tmp_path):
     np.savetxt(path, scores)
     trainer = make_trainer(digits, difficulty_scores=str(path), epochs=3, train_size=count)
     loader = trainer._make_train_loader()
-    assert set(loader.indices.tolist()) == easiest(torch.from_numpy(scores), 0.3)
+    assert set(loader.indices.tolist()) == easiest(torch.from_numpy(scores), 0.3, trainer.train_split.labels)
     # Steps per epoch do not depend on the curriculum.
     plain = plan_run(TrainConfig(epochs=3, batch_size=128, train_size=count), count)
     assert trainer.clock.total_steps == plain.clock.total_steps

@@ -63,7 +63,7 @@ OPTION_HELP = {
     "unlabeled_weight": "semi-supervised: weight of the pseudo-label loss, X or EASY:HARD (default 1)",
     "confidence": "semi-supervised: softmax confidence a pseudo-label needs, X or EASY:HARD in [0, 1] "
                   "(default 0.95)",
-    "curriculum": "sample each epoch from the easiest fraction q of the training set, X or EASY:HARD in (0, 1], "
+    "curriculum": "sample each epoch from the easiest fraction q of each class, X or EASY:HARD in (0, 1], "
                   "e.g. 0.3:1",
     "difficulty_scores": "curriculum: text or .npy file of one difficulty score per training image (higher is "
                          "harder); default: out-of-fold loss of short scoring runs",

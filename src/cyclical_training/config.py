@@ -152,7 +152,7 @@ class TrainConfig:
     unlabeled_ratio: int = 7  # semi-supervised: unlabeled images per labeled image in a step
     unlabeled_weight: Any = None  # semi-supervised: weight of the unlabeled loss; default 1 with --labeled
     confidence: Any = None  # semi-supervised: pseudo-label threshold; default 0.95 with --labeled
-    curriculum: Any = None  # easiest fraction of the training set to sample from; None: off
+    curriculum: Any = None  # easiest fraction of each class to sample from; None: off
     difficulty_scores: str | None = None  # curriculum: file of one score per training image
     scoring_epochs: int = 3  # curriculum: epochs of each out-of-fold scoring model
     teacher: str | None = None  # distillation: checkpoint.pt (or its folder) of the teacher

@@ -2,8 +2,13 @@
 
 Every training image has a difficulty score (higher is harder). The ``--curriculum`` knob gives a
 fraction ``q = q_easy + d * (1 - q_easy)`` at the clock's difficulty d, and each epoch samples from
-the ``max(1, round(q * N))`` easiest images. So ``--curriculum 0.3:1`` samples from the easiest 30%
-at the start and the end and from all images at the hardest point. Ties go to the lower index.
+the easiest fraction q of every class: the ``max(1, round(q * N_c))`` easiest of the N_c images
+of class c. So ``--curriculum 0.3:1`` samples from the easiest 30% of each class at the start and
+the end and from all images at the hardest point. Ties go to the lower index.
+
+The pool is ranked within each class because a ranking over the whole set drops classes: on 4,000
+CIFAR-10 images scored by the out-of-fold runs below, the easiest 30% overall held no image of 5 of
+the 10 classes, and a 10-epoch run with ``--curriculum 0.3:1`` ended 18 points below one without it.
 
 An epoch has as many steps as a pass over all N images would (ceil(N / batch) without
 ``drop_last``), so the clock and the learning-rate schedule do not depend on the curriculum. Its N
@@ -66,7 +71,7 @@ def save_difficulty_scores(path: Path, scores: torch.Tensor) -> None:
 
 
 def pool_size(fraction: float, count: int) -> int:
-    """Return the number of easiest images a fraction q of ``count`` allows: max(1, round(q * count))."""
+    """Return the number of easiest images a fraction q of one class's ``count`` allows: max(1, round(q * count))."""
     return max(1, round(fraction * count))
 
 
@@ -159,8 +164,10 @@ class CurriculumLoader:
         self.device = torch.device(device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device)
-        # Easiest first; the stable sort sends ties to the lower index.
-        self.easiest_first = torch.argsort(scores, stable=True)
+        # Easiest first within each class; the stable sort sends ties to the lower index.
+        easiest_first = torch.argsort(scores, stable=True)
+        labels_in_order = labels.cpu()[easiest_first]
+        self.class_orders = [easiest_first[labels_in_order == label] for label in torch.unique(labels_in_order)]
         self.fractions = list(fractions)
         self.seed, self.drop_last = seed, drop_last
         self.rank, self.world_size = rank, world_size
@@ -177,7 +184,8 @@ class CurriculumLoader:
         if batch_size is not None:
             self.batch_size = batch_size
         self.epoch = epoch
-        pool = self.easiest_first[: pool_size(self.fractions[epoch], self.num_samples)]
+        fraction = self.fractions[epoch]
+        pool = torch.cat([order[: pool_size(fraction, len(order))] for order in self.class_orders]).sort().values
         generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch, CURRICULUM_STREAM))
         repeats = math.ceil(self.num_samples / len(pool))
         draws = [pool[torch.randperm(len(pool), generator=generator)] for _ in range(repeats)]
