@@ -305,8 +305,10 @@ def _channel_values(name: str, values: float | Sequence[float] | Tensor, channel
     Plain numbers are checked on the host, with no device involved. A tensor on a GPU is copied
     to the host here, which waits for that device.
     """
-    flat = torch.as_tensor(values, dtype=torch.float64).flatten().tolist() if not isinstance(values, Tensor) \
-        else values.detach().to("cpu", torch.float64).flatten().tolist()
+    if isinstance(values, Tensor):
+        flat = values.detach().to("cpu", torch.float64).flatten().tolist()
+    else:
+        flat = torch.as_tensor(values, dtype=torch.float64).flatten().tolist()
     if len(flat) not in (1, channels):
         raise ConfigError(f"{name} must have 1 or {channels} values (one per channel), got {len(flat)}")
     return tuple(flat)
