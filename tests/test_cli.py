@@ -108,6 +108,17 @@ def test_config_file_with_command_line_override(capsys, tmp_path):
     assert [float(r["weight_decay"]) for r in rows] == pytest.approx([1e-4, 1e-3, 1e-4])
 
 
+def test_config_file_reads_colon_pairs_as_cycles(capsys, tmp_path):
+    # YAML 1.1 would read 1:10 as the base-60 integer 70.
+    config = tmp_path / "run.yaml"
+    config.write_text("epochs: 3\nclip-norm: 1:10\ntemperature: 1:2\n")
+    code, out, _ = run_cli(capsys, "schedule", "--config", str(config), "--csv")
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [float(r["clip_norm"]) for r in rows] == [1.0, 10.0, 1.0]
+    assert [float(r["temperature"]) for r in rows] == [1.0, 2.0, 1.0]
+
+
 BAD_OPTIONS = [
     (["--weight-decay", "1e-3:"], "--weight-decay must be a number X or a cycle EASY:HARD of two numbers, got '1e-3:'"),
     (["--weight-decay", "a:b"], "--weight-decay must be a number X or a cycle EASY:HARD of two numbers, got 'a:b'"),

@@ -204,13 +204,41 @@ def parse_count(name: str, text: str) -> int:
     return value
 
 
+class OptionsLoader(yaml.SafeLoader):
+    """A safe YAML loader without YAML 1.1's base-60 numbers.
+
+    ``yaml.safe_load`` reads ``clip_norm: 1:10`` as the integer 70 (1 * 60 + 10). Without the
+    base-60 forms, ``1:10`` stays the string that the option parser reads as EASY:HARD.
+    """
+
+
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+OptionsLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+OptionsLoader.add_implicit_resolver(
+    _INT_TAG,
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+OptionsLoader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
 def read_config_file(path: str, allowed: set[str]) -> dict:
     """Read a YAML options file with a safe loader; keys use underscores or dashes."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"--config file not found: {path}")
     try:
-        loaded = yaml.safe_load(file.read_text())
+        loaded = yaml.load(file.read_text(), Loader=OptionsLoader)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
