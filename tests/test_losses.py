@@ -116,6 +116,18 @@ def test_cyclical_focal_hard_end_is_focal():
     torch.testing.assert_close(cyclical, focal, rtol=1e-14, atol=0.0)
 
 
+def test_focal_without_smoothing_is_cross_entropy():
+    # With one-hot targets and no smoothing only the true class enters, with exponent gamma_pos = 0.
+    logits = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    target = torch.tensor([0, 1, 2, 3, 0, 1])
+    plain = F.cross_entropy(logits, target)
+    for gamma_neg in (0.5, 4.0):
+        focal = focal_loss(logits, target, gamma_pos=0.0, gamma_neg=gamma_neg, label_smoothing=0.0)
+        torch.testing.assert_close(focal, plain, rtol=1e-14, atol=0.0)
+    smoothed = focal_loss(logits, target, gamma_pos=0.0, gamma_neg=4.0, label_smoothing=0.1)
+    assert not torch.allclose(smoothed, F.cross_entropy(logits, target, label_smoothing=0.1))
+
+
 @pytest.mark.parametrize(
     ("difficulty", "gammas"),
     [

@@ -335,6 +335,12 @@ class Trainer:
         built_decay = 0.0 if decay is None else max(decay.easy, decay.hard)
         groups, counts = split_decay_groups(self.model, built_decay)
         self.log(f"parameters: {counts.describe()}")
+        if config.loss in ("focal", "cyclical-focal") and config.label_smoothing == 0 and config.gamma_pos == 0:
+            # The other classes enter the loss through their smoothed target s / K, which is 0 here.
+            self.log(
+                "note: with --label-smoothing 0 and --gamma-pos 0 the focal weighting equals cross entropy, "
+                "and --gamma-neg has no effect; the paper's code uses --label-smoothing 0.1"
+            )
         lr_spec, momentum_spec = specs["lr"], specs["momentum"]
         self.optimizer = build_optimizer(config.optimizer, groups, lr=lr_spec.easy, momentum=momentum_spec.easy)
         self.forward = torch.compile(training_model) if config.compile else training_model
