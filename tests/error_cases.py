@@ -849,6 +849,15 @@ CASES = (
         setup=setup_empty_run_folder,
     ),
     ErrorCase(
+        "out-holds-run", "Checkpoints",
+        "a new run into a folder that holds a finished run",
+        ("train", "--epochs", "1", "--out", "<tmp>/run"),
+        BAD_OPTION,
+        TRAIN + "--out <tmp>/run already contains a run (checkpoint.pt); continue it with gct train --resume "
+                "<tmp>/run, or choose another --out",
+        setup=lambda tmp, shared: copy_digits_run(tmp, shared),
+    ),
+    ErrorCase(
         "checkpoint-truncated", "Checkpoints",
         "a checkpoint.pt cut in half",
         ("train", "--resume", "<tmp>/run"),

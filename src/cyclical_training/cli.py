@@ -311,6 +311,7 @@ def run_train(arguments: argparse.Namespace) -> int:
                 print(f"resuming {arguments.resume} after epoch {trainer.start_epoch}", flush=True)
             else:
                 config = config_from_arguments(arguments, allowed)
+                _check_out_is_free(config.out)
                 trainer = Trainer(config, log=lambda line: print(line, flush=True))
             guard.shield_epoch_files(trainer)
             summary = trainer.fit()
@@ -323,6 +324,17 @@ def run_train(arguments: argparse.Namespace) -> int:
         print(f"final test accuracy {100 * final:.2f}% (best {100 * best:.2f}% at epoch {summary['best_epoch']}), "
               f"{summary['seconds']:.1f}s")
     return 0
+
+
+def _check_out_is_free(out: str | None) -> None:
+    """Raise ConfigError when ``out`` already holds a run's checkpoint, which a new run would replace."""
+    from .checkpoint import CHECKPOINT_NAME
+
+    if out is not None and (Path(out) / CHECKPOINT_NAME).exists():
+        raise ConfigError(
+            f"--out {out} already contains a run ({CHECKPOINT_NAME}); continue it with gct train --resume {out}, "
+            f"or choose another --out"
+        )
 
 
 class _InterruptGuard:
