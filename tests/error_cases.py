@@ -419,6 +419,13 @@ CASES = (
         TRAIN + "--temperature must be > 0, got -0.5",
     ),
     ErrorCase(
+        "augment-word", "Options",
+        "an augmentation setting that is neither a word it knows nor a number",
+        ("train", "--augment", "weak"),
+        BAD_OPTION,
+        TRAIN + "--augment must be auto, none, a magnitude X or a cycle EASY:HARD in [0, 1], got 'weak'",
+    ),
+    ErrorCase(
         "clip-norm-zero", "Options",
         "a clip norm of 0",
         ("train", "--clip-norm", "0"),
@@ -720,7 +727,7 @@ CASES = (
         "a data path that does not exist",
         ("train", "--data", "<tmp>/images"),
         RUN_FAILURE,
-        TRAIN + "data path not found: <tmp>/images. data must be one of digits, cifar10, cifar100, an "
+        TRAIN + "--data path not found: <tmp>/images; --data must be one of digits, cifar10, cifar100, an "
                 "image-folder tree or a tar archive of one",
     ),
     ErrorCase(
@@ -728,7 +735,7 @@ CASES = (
         "a .tar.gz cut in half",
         ("train", "--data", "<tmp>/data.tar.gz"),
         RUN_FAILURE,
-        TRAIN + "cannot read <tmp>/data.tar.gz as a tar archive (.tar, .tar.gz, .tgz): Compressed file "
+        TRAIN + "cannot read <tmp>/data.tar.gz as a tar archive (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz): Compressed file "
                 "ended before the end-of-stream marker was reached",
         setup=setup_truncated_gzip_archive,
     ),
@@ -745,7 +752,7 @@ CASES = (
         "a text file named .tar.gz",
         ("train", "--data", "<tmp>/data.tar.gz"),
         RUN_FAILURE,
-        TRAIN + "cannot read <tmp>/data.tar.gz as a tar archive (.tar, .tar.gz, .tgz): truncated header",
+        TRAIN + "cannot read <tmp>/data.tar.gz as a tar archive (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz): truncated header",
         setup=setup_not_an_archive,
     ),
     ErrorCase(

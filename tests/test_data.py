@@ -425,7 +425,7 @@ def test_default_cache_dir_reads_xdg(tree, tmp_path, monkeypatch):
 
 def test_missing_path_raises(tmp_path, cache_dir):
     missing = tmp_path / "nowhere.tar.gz"
-    with pytest.raises(DataError, match=re.escape(f"data path not found: {missing}")):
+    with pytest.raises(DataError, match=re.escape(f"--data path not found: {missing}")):
         load_dataset(str(missing), cache_dir=cache_dir)
 
 

@@ -280,6 +280,8 @@ class TrainConfig:
             raw = getattr(self, key)
             if raw is None or (key == "augment" and raw in ("auto", "none")):
                 continue
+            if key == "augment" and isinstance(raw, str) and not any(character.isdigit() for character in raw):
+                raise ConfigError(f"--augment must be auto, none, a magnitude X or a cycle EASY:HARD in [0, 1], got {raw!r}")
             spec = parse_knob_spec(key, raw)
             # Build the knob once to apply its bounds with the option's name in the message.
             build_knob(key, spec)

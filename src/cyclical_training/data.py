@@ -229,7 +229,7 @@ def _resolve_data_path(data: str, data_dir: str | None) -> Path:
         raise ConfigError(f"--data must be one of {builtins} or a path, got {data!r}{hint}")
     where = f" (looked in the working directory and in data_dir {data_dir})" if data_dir else ""
     raise DataError(
-        f"data path not found: {data}{where}. data must be one of {builtins}, an image-folder"
+        f"--data path not found: {data}{where}; --data must be one of {builtins}, an image-folder"
         " tree or a tar archive of one"
     )
 
@@ -673,7 +673,7 @@ def _read_archive(path: Path) -> tuple[dict[tuple[str, ...], bytes], list[tuple[
             reader.read_to_end()
     except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as error:
         raise DataError(
-            f"cannot read {path} as a tar archive (.tar, .tar.gz, .tgz): {error}"
+            f"cannot read {path} as a tar archive (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz): {error}"
         ) from error
     if not reader.has_end_marker(end_offset):
         raise DataError(f"tar archive {path} is truncated: it ends without the end-of-archive marker")
