@@ -108,6 +108,16 @@ def test_config_file_with_command_line_override(capsys, tmp_path):
     assert [float(r["weight_decay"]) for r in rows] == pytest.approx([1e-4, 1e-3, 1e-4])
 
 
+def test_schedule_reads_train_config(capsys, tmp_path):
+    # Options that only gct train uses, as in the config.yaml a run writes, are ignored.
+    config = tmp_path / "config.yaml"
+    config.write_text("data: digits\nout: runs/x\nnum_threads: 1\nepochs: 3\nweight_decay: '1e-4:1e-3'\n")
+    code, out, _ = run_cli(capsys, "schedule", "--config", str(config), "--csv")
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert [float(r["weight_decay"]) for r in rows] == pytest.approx([1e-4, 1e-3, 1e-4])
+
+
 def test_config_file_reads_colon_pairs_as_cycles(capsys, tmp_path):
     # YAML 1.1 would read 1:10 as the base-60 integer 70.
     config = tmp_path / "run.yaml"

@@ -275,8 +275,18 @@ def _unsupported_tag(error: yaml.MarkedYAMLError) -> str | None:
     return match.group(1).replace("tag:yaml.org,2002:", "!!", 1)
 
 
-def config_from_arguments(arguments: argparse.Namespace, allowed: set[str]) -> TrainConfig:
-    values = read_config_file(arguments.config, allowed) if arguments.config else {}
+def config_from_arguments(
+    arguments: argparse.Namespace, allowed: set[str], file_allowed: set[str] | None = None
+) -> TrainConfig:
+    """Build the config from ``--config`` and the command line; the command line wins.
+
+    ``file_allowed`` is the set of keys the file may hold. Keys in it but not in ``allowed`` are
+    ignored, so ``gct schedule`` can read the config.yaml of a training run.
+    """
+    values = {}
+    if arguments.config:
+        from_file = read_config_file(arguments.config, file_allowed or allowed)
+        values = {key: value for key, value in from_file.items() if key in allowed}
     for key in allowed:
         if hasattr(arguments, key):
             values[key] = getattr(arguments, key)
@@ -422,7 +432,7 @@ class _InterruptGuard:
 
 
 def run_schedule(arguments: argparse.Namespace) -> int:
-    config = config_from_arguments(arguments, set(SCHEDULE_FIELDS))
+    config = config_from_arguments(arguments, set(SCHEDULE_FIELDS), file_allowed=set(OPTION_HELP))
     steps = parse_count("--steps-per-epoch", arguments.steps_per_epoch)
     images = None if arguments.train_images is None else parse_count("--train-images", arguments.train_images)
 
