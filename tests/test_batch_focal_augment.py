@@ -101,7 +101,7 @@ def test_schedule_steps_from_train_images(capsys):
         "--cycle-unit", "step", "--csv",
     ]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    per_epoch = [sum(1 for row in rows if row["epoch"] == str(epoch)) for epoch in range(3)]
+    per_epoch = [sum(1 for row in rows if row["epoch"] == str(epoch)) for epoch in (1, 2, 3)]
     assert per_epoch == [2, 8, 2]
 
 

@@ -471,7 +471,8 @@ def schedule_rows(config: TrainConfig, steps_per_epoch: int, train_images: int |
         clock.start_epoch(epoch)
         count = clock.steps_in_epoch(epoch) if config.cycle_unit == "step" else 1
         for _ in range(count):
-            row = {"epoch": epoch, "step": clock.global_step, "difficulty": clock.difficulty}
+            # Epochs count from 1, as in gct train's log and metrics.jsonl.
+            row = {"epoch": epoch + 1, "step": clock.global_step, "difficulty": clock.difficulty}
             for name, knob in knobs.items():
                 row[name] = batch_sizes[epoch] if name == "batch_size" else knob.at(clock)
             rows.append(row)
