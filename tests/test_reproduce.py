@@ -359,6 +359,21 @@ def test_quick_all_writes_records_report_plots(quick_all):
     assert "quick-weight-decay-digits-knobs.png" in plots
 
 
+def test_report_summary_lists_comparisons_in_experiment_order(quick_all):
+    report = (quick_all.out / "results.md").read_text()
+    summary = report.split("## Summary", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in summary.splitlines() if line.startswith("| quick |")]
+    # One row per non-baseline arm: weight decay has two, every other experiment one.
+    assert len(rows) == len(reproduce.EXPERIMENT_ORDER) + 1
+    assert [row.split(" | ")[1] for row in rows] == [
+        name for name in reproduce.EXPERIMENT_ORDER for _ in range(2 if name == "weight-decay" else 1)
+    ]
+    sections = [line for line in report.splitlines() if line.startswith("## ") and line != "## Summary"]
+    assert len(sections) == len(reproduce.EXPERIMENT_ORDER)
+    for name, section in zip(reproduce.EXPERIMENT_ORDER, sections):
+        assert f"({name})" in section
+
+
 def test_quick_records_fields(quick_all):
     for record in load_records(quick_all.out):
         assert record["status"] == "finished"

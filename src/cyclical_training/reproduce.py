@@ -749,7 +749,16 @@ def group_records(records: Iterable[tuple[int, dict]]) -> list[Group]:
         if key not in groups:
             groups[key] = Group(*key)
         groups[key].records.append((number, record))
-    return list(groups.values())
+    # The most thorough preset first, then the experiments in their usual order.
+    first_seen = {key: index for index, key in enumerate(groups)}
+
+    def order(key: tuple[str, str, str]) -> tuple[int, int, int]:
+        preset, experiment, _ = key
+        preset_rank = -PRESET_ORDER.index(preset) if preset in PRESET_ORDER else 1
+        experiment_rank = EXPERIMENT_ORDER.index(experiment) if experiment in EXPERIMENT_ORDER else len(EXPERIMENT_ORDER)
+        return preset_rank, experiment_rank, first_seen[key]
+
+    return [groups[key] for key in sorted(groups, key=order)]
 
 
 def write_report(out_dir: str | Path, command: str | None = None) -> Path:
@@ -762,6 +771,7 @@ def write_report(out_dir: str | Path, command: str | None = None) -> Path:
     records = read_records(out_dir / RUNS_NAME)
     groups = group_records(records)
     lines = _header_lines(records, command)
+    lines += _summary_lines(groups)
     for group in groups:
         plots = draw_group_plots(group, out_dir / PLOTS_DIR)
         lines += _group_lines(group, plots, out_dir)
@@ -970,6 +980,24 @@ def paired_values(group: Group, arm: str) -> tuple[list[int], list[float], list[
     return seeds, treatment_values, control_values
 
 
+def _comparison_cells(group: Group, arm: str) -> list[str]:
+    """Return the cells of one paired comparison: arms, seeds, mean difference, CI, p-value and verdict."""
+    seeds, treatment, control = paired_values(group, arm)
+    comparison = compare_paired(treatment, control)
+    result = verdict(comparison)
+    if comparison.ci_low is None:
+        interval, p_text = "n/a", "n/a"
+    else:
+        interval = f"[{_points(comparison.ci_low)}, {_points(comparison.ci_high)}]"
+        p_value = comparison.p_value
+        p_text = "undefined (all differences 0)" if math.isnan(p_value) else f"{p_value:.3g}"
+    if result == NO_TEST_ONE_SEED:
+        result = "no test possible with 1 seed; run more seeds (--seeds)"
+    mean_text = _points(comparison.mean) if comparison.n else "n/a"
+    seeds_text = ", ".join(str(seed) for seed in seeds) or "none"
+    return [f"{arm} - {BASELINE_ARM}", seeds_text, mean_text, interval, p_text, result]
+
+
 def _comparison_lines(group: Group) -> list[str]:
     arms = [arm for arm in group.arm_names() if arm != BASELINE_ARM]
     if not arms:
@@ -981,22 +1009,29 @@ def _comparison_lines(group: Group) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for arm in arms:
-        seeds, treatment, control = paired_values(group, arm)
-        comparison = compare_paired(treatment, control)
-        result = verdict(comparison)
-        if comparison.ci_low is None:
-            interval, p_text = "n/a", "n/a"
-        else:
-            interval = f"[{_points(comparison.ci_low)}, {_points(comparison.ci_high)}]"
-            p_value = comparison.p_value
-            p_text = "undefined (all differences 0)" if math.isnan(p_value) else f"{p_value:.3g}"
-        if result == NO_TEST_ONE_SEED:
-            result = "no test possible with 1 seed; run more seeds (--seeds)"
-        mean_text = _points(comparison.mean) if comparison.n else "n/a"
-        seeds_text = ", ".join(str(seed) for seed in seeds) or "none"
-        lines.append(f"| {arm} - {BASELINE_ARM} | {seeds_text} | {mean_text} | {interval} | {p_text} | {result} |")
+        lines.append("| " + " | ".join(_comparison_cells(group, arm)) + " |")
     lines.append("")
     return lines
+
+
+def _summary_lines(groups: Sequence[Group]) -> list[str]:
+    """Return one table row per comparison of every group, in the order of the sections below."""
+    rows = [
+        f"| {group.preset} | {group.experiment} | {group.dataset} | " + " | ".join(_comparison_cells(group, arm)) + " |"
+        for group in groups
+        for arm in group.arm_names()
+        if arm != BASELINE_ARM
+    ]
+    if not rows:
+        return []
+    return [
+        "## Summary",
+        "",
+        "| preset | experiment | data | comparison | seeds | mean difference (points) | 95% CI | p (ttest_rel) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 # Plots ------------------------------------------------------------------------------------------
