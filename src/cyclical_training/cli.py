@@ -337,7 +337,7 @@ def run_train(arguments: argparse.Namespace) -> int:
 
 
 def _check_out_is_free(out: str | None) -> None:
-    """Raise ConfigError when ``out`` already holds a run's checkpoint, which a new run would replace."""
+    """Raise ConfigError when ``out`` already contains a run's checkpoint, which a new run would replace."""
     from .checkpoint import CHECKPOINT_NAME
 
     if out is not None and (Path(out) / CHECKPOINT_NAME).exists():

@@ -6,9 +6,10 @@ the easiest fraction q of every class: the ``max(1, round(q * N_c))`` easiest of
 of class c. So ``--curriculum 0.3:1`` samples from the easiest 30% of each class at the start and
 the end and from all images at the hardest point. Ties go to the lower index.
 
-The pool is ranked within each class because a ranking over the whole set drops classes: on 4,000
+The pool is ranked within each class because a ranking over the whole set drops classes. On 4,000
 CIFAR-10 images scored by the out-of-fold runs below, the easiest 30% overall held no image of 5 of
-the 10 classes, and a 10-epoch run with ``--curriculum 0.3:1`` ended 18 points below one without it.
+the 10 classes. A 10-epoch run with ``--curriculum 0.3:1`` on that pool ended 18 points below one
+without a curriculum.
 
 An epoch has as many steps as a pass over all N images would (ceil(N / batch) without
 ``drop_last``), so the clock and the learning-rate schedule do not depend on the curriculum. Its N
