@@ -281,6 +281,12 @@ def setup_empty_run_folder(tmp: Path, shared: SharedRuns) -> None:
     (tmp / "run").mkdir()
 
 
+def setup_run_folder_without_epochs(tmp: Path, shared: SharedRuns) -> None:
+    (tmp / "run").mkdir()
+    (tmp / "run" / "config.yaml").write_text("epochs: 2\n")
+    (tmp / "run" / "metrics.jsonl").write_text("")
+
+
 def setup_truncated_checkpoint(tmp: Path, shared: SharedRuns) -> None:
     run = copy_digits_run(tmp, shared)
     checkpoint = run / "checkpoint.pt"
@@ -854,6 +860,14 @@ CASES = (
         RUN_FAILURE,
         TRAIN + "checkpoint not found: <tmp>/run/checkpoint.pt",
         setup=setup_empty_run_folder,
+    ),
+    ErrorCase(
+        "plot-no-epoch", "Checkpoints",
+        "a plot of a run folder whose start failed before the first epoch",
+        ("plot", "<tmp>/run"),
+        RUN_FAILURE,
+        "gct plot: error: DIR must hold at least one finished epoch, got <tmp>/run (metrics.jsonl is empty)",
+        setup=setup_run_folder_without_epochs,
     ),
     ErrorCase(
         "out-holds-run", "Checkpoints",

@@ -505,6 +505,8 @@ def run_plot(arguments: argparse.Namespace) -> int:
     metrics = Path(arguments.run_dir) / "metrics.jsonl"
     if not metrics.is_file():
         raise DataError(f"DIR must be a folder written by gct train --out, got {arguments.run_dir} (no metrics.jsonl)")
+    if not metrics.read_text().strip():
+        raise DataError(f"DIR must hold at least one finished epoch, got {arguments.run_dir} (metrics.jsonl is empty)")
     path = plot_run(arguments.run_dir, arguments.output)
     print(path)
     return 0
