@@ -280,9 +280,15 @@ class TrainConfig:
             raw = getattr(self, key)
             if raw is None or (key == "augment" and raw in ("auto", "none")):
                 continue
-            if key == "augment" and isinstance(raw, str) and not any(character.isdigit() for character in raw):
-                raise ConfigError(f"--augment must be auto, none, a magnitude X or a cycle EASY:HARD in [0, 1], got {raw!r}")
-            spec = parse_knob_spec(key, raw)
+            try:
+                spec = parse_knob_spec(key, raw)
+            except ConfigError:
+                if key != "augment":
+                    raise
+                # The generic message lists numbers only, but --augment also takes two words.
+                raise ConfigError(
+                    f"--augment must be auto, none, a magnitude X or a cycle EASY:HARD in [0, 1], got {raw!r}"
+                ) from None
             # Build the knob once to apply its bounds with the option's name in the message.
             build_knob(key, spec)
             specs[key] = spec
