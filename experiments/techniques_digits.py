@@ -1,9 +1,9 @@
 """Each technique of docs/techniques.md on digits, over several seeds, against its constant-knob run.
 
-A single digits run of 100 to 200 images swings by tens of points from one seed to the next
-(a run can stall near chance at the default peak learning rate of 0.1), so one seed per arm shows
-nothing. This script trains every arm with seeds 0..N-1 (paired: seed k draws the same subsets
-in every arm) and writes the final test accuracy of every run to a JSON file, then prints a
+A single digits run of 100 to 200 images swings by tens of points from one seed to the next. At
+the default peak learning rate of 0.1 a run can stall near chance, so one seed per arm shows
+nothing. This script trains every arm with seeds 0..N-1, paired so that seed k draws the same
+subsets in every arm. It writes the final test accuracy of every run to a JSON file and prints a
 Markdown table of mean, standard deviation and per-seed values.
 
     python experiments/techniques_digits.py                # about 10 minutes on one CPU thread

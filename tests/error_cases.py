@@ -866,11 +866,11 @@ CASES = (
         "a plot of a run folder whose start failed before the first epoch",
         ("plot", "<tmp>/run"),
         RUN_FAILURE,
-        "gct plot: error: DIR must hold at least one finished epoch, got <tmp>/run (metrics.jsonl is empty)",
+        "gct plot: error: DIR must contain at least one finished epoch, got <tmp>/run (metrics.jsonl is empty)",
         setup=setup_run_folder_without_epochs,
     ),
     ErrorCase(
-        "out-holds-run", "Checkpoints",
+        "out-contains-run", "Checkpoints",
         "a new run into a folder that holds a finished run",
         ("train", "--epochs", "1", "--out", "<tmp>/run"),
         BAD_OPTION,

@@ -63,7 +63,7 @@ def test_draws_at_easy_end_from_easiest_fraction():
 def test_batches_come_from_pool():
     count = 100
     scores = torch.arange(count, dtype=torch.float64)
-    # Each image holds its own index, so a batch shows which images it drew.
+    # Each image's pixel value is its own index, so a batch shows which images it drew.
     images = torch.arange(count, dtype=torch.uint8).view(count, 1, 1, 1)
     labels = torch.zeros(count, dtype=torch.long)
     loader = CurriculumLoader(images, labels, scores, [0.25], batch_size=30, seed=2)
@@ -73,7 +73,7 @@ def test_batches_come_from_pool():
 
 
 def test_pool_is_ranked_within_each_class():
-    # Class 0 holds the 60 easiest images overall; a global 30% pool would hold class 0 only.
+    # Class 0 contains the 60 easiest images overall, so a global 30% pool would contain class 0 only.
     scores = torch.arange(100, dtype=torch.float64)
     labels = torch.cat([torch.zeros(60, dtype=torch.long), torch.ones(40, dtype=torch.long)])
     loader = CurriculumLoader(torch.zeros(100, 1, 1, 1, dtype=torch.uint8), labels, scores, [0.3, 1.0],

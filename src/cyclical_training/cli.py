@@ -280,7 +280,7 @@ def config_from_arguments(
 ) -> TrainConfig:
     """Build the config from ``--config`` and the command line; the command line wins.
 
-    ``file_allowed`` is the set of keys the file may hold. Keys in it but not in ``allowed`` are
+    ``file_allowed`` is the set of keys the file may contain. Keys in it but not in ``allowed`` are
     ignored, so ``gct schedule`` can read the config.yaml of a training run.
     """
     values = {}
@@ -506,7 +506,7 @@ def run_plot(arguments: argparse.Namespace) -> int:
     if not metrics.is_file():
         raise DataError(f"DIR must be a folder written by gct train --out, got {arguments.run_dir} (no metrics.jsonl)")
     if not metrics.read_text().strip():
-        raise DataError(f"DIR must hold at least one finished epoch, got {arguments.run_dir} (metrics.jsonl is empty)")
+        raise DataError(f"DIR must contain at least one finished epoch, got {arguments.run_dir} (metrics.jsonl is empty)")
     path = plot_run(arguments.run_dir, arguments.output)
     print(path)
     return 0
